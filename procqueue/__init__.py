@@ -1,0 +1,58 @@
+"""procqueue: a multiprocess worker-pool daemon for Python.
+
+Queues, retries, delays, time limits and cron over forked worker processes,
+fed through shared-memory rings by one supervisor. See the README.
+"""
+
+from .client import Client
+from .config import Config, TaskQueueConfig, load_config
+from .context import Context
+from .errors import (
+    ConfigError,
+    DaemonUnavailable,
+    InternalError,
+    InvalidQueueName,
+    InvalidQueuePayload,
+    InvalidQueueTask,
+    InvalidTaskHandler,
+    InvalidTaskType,
+    ProcQueueError,
+    ProtocolError,
+    QueueConfigConflict,
+    QueueFull,
+    QueueNotRegistered,
+    TaskHandlerNotFound,
+    TaskNotFound,
+    TaskTimeout,
+)
+from .task import QueueTask, QueueTaskStatus, marshal_payload, unmarshal_payload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Config",
+    "ConfigError",
+    "Context",
+    "DaemonUnavailable",
+    "InternalError",
+    "InvalidQueueName",
+    "InvalidQueuePayload",
+    "InvalidQueueTask",
+    "InvalidTaskHandler",
+    "InvalidTaskType",
+    "ProcQueueError",
+    "ProtocolError",
+    "QueueConfigConflict",
+    "QueueFull",
+    "QueueNotRegistered",
+    "QueueTask",
+    "QueueTaskStatus",
+    "TaskHandlerNotFound",
+    "TaskNotFound",
+    "TaskQueueConfig",
+    "TaskTimeout",
+    "load_config",
+    "marshal_payload",
+    "unmarshal_payload",
+]

@@ -1,0 +1,230 @@
+"""The supervisor's task state machine, free of processes and sockets.
+
+``Broker`` owns the queues: it validates and admits published tasks, holds
+delayed and retrying tasks until they are due, hands ready tasks out, and
+applies outcomes (success, failure with retry or dead letter). Every status
+change goes through the store. The clock is injected, so tests drive time
+by hand (STYLE.md 10).
+
+Time is wall-clock (``time.time()``): ``available_at`` is a wall time that a
+durable store keeps across restarts. A timer loop that wakes late is fine;
+a task is never handed out before its ``available_at``.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import TaskQueueConfig
+from .errors import (
+    InvalidQueueTask,
+    InvalidTaskType,
+    QueueFull,
+    QueueNotRegistered,
+    TaskHandlerNotFound,
+)
+from .store import Store
+from .task import QueueTask, QueueTaskStatus
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class Counters:
+    published: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+
+
+@dataclass(slots=True)
+class QueueState:
+    name: str
+    config: TaskQueueConfig
+    ready: collections.deque[QueueTask] = field(default_factory=collections.deque)
+    delayed: list[tuple[float, int, QueueTask]] = field(default_factory=list)  # heap
+    running: int = 0
+    counters: Counters = field(default_factory=Counters)
+
+    @property
+    def pending(self) -> int:
+        """Tasks held, waiting to run: ready now, delayed, or waiting for a retry."""
+        return len(self.ready) + len(self.delayed)
+
+    def retrying(self) -> int:
+        return sum(1 for _, _, t in self.delayed if t.status is QueueTaskStatus.RETRYING)
+
+
+class Broker:
+    def __init__(
+        self,
+        queues: Mapping[str, TaskQueueConfig],
+        store: Store,
+        clock: Clock,
+        on_finish: Callable[[QueueTask], None] | None = None,
+    ) -> None:
+        self.queues = {name: QueueState(name, cfg) for name, cfg in queues.items()}
+        self.store = store
+        self.clock = clock
+        self.on_finish = on_finish or (lambda task: None)
+        self._seq = itertools.count()
+
+    # -- publish ---------------------------------------------------------------
+    def validate(self, task: QueueTask) -> QueueState:
+        if not task.queue:
+            raise InvalidQueueTask(f"task of type {task.type!r} has no queue")
+        if not task.type:
+            raise InvalidTaskType(f"task for queue {task.queue!r} has no type")
+        state = self.queues.get(task.queue)
+        if state is None:
+            raise QueueNotRegistered(
+                f"queue {task.queue!r} is not registered (task type {task.type!r}); "
+                f"known queues: {', '.join(sorted(self.queues)) or 'none'}"
+            )
+        return state
+
+    def publish(self, tasks: Iterable[QueueTask], force: bool = False) -> list[QueueTask]:
+        """Admit tasks in order; raise ``QueueFull`` at the first that does not fit.
+
+        Tasks admitted before the full one stay admitted: the caller learns how
+        many from the exception's ``accepted`` attribute. ``force`` ignores
+        ``buffer_size`` (follow-ups published by handlers, so a full queue
+        cannot deadlock the workers that drain it).
+        """
+        tasks = list(tasks)
+        states = [self.validate(t) for t in tasks]  # all valid, or nothing admitted
+        accepted: list[QueueTask] = []
+        now = self.clock()
+        for task, state in zip(tasks, states, strict=True):
+            if not force and state.pending >= state.config.buffer_size:
+                err = QueueFull(
+                    f"queue {state.name!r} is full: {state.pending} pending tasks "
+                    f"(buffer_size = {state.config.buffer_size}); publish again later"
+                )
+                err.accepted = accepted  # type: ignore[attr-defined]
+                raise err
+            accepted.append(self._admit(task, state, now))
+        return accepted
+
+    def _admit(self, task: QueueTask, state: QueueState, now: float) -> QueueTask:
+        stored = task.copy(
+            id=task.id or str(uuid.uuid4()),
+            status=QueueTaskStatus.PENDING,
+            attempt=0,
+            last_error="",
+            result=None,
+            created_at=_dt(now),
+            available_at=_dt(now + task.delay),
+        )
+        state.counters.published += 1
+        self.store.put(stored)
+        self._enqueue(stored, state, now + task.delay, now)
+        return stored
+
+    def _enqueue(self, task: QueueTask, state: QueueState, at: float, now: float) -> None:
+        if at <= now:
+            state.ready.append(task)
+        else:
+            heapq.heappush(state.delayed, (at, next(self._seq), task))
+
+    # -- timers ----------------------------------------------------------------
+    def promote_due(self) -> None:
+        """Move delayed and retrying tasks whose time has come to the ready queue."""
+        now = self.clock()
+        for state in self.queues.values():
+            delayed = state.delayed
+            while delayed and delayed[0][0] <= now:
+                task = heapq.heappop(delayed)[2]
+                state.ready.append(task)
+
+    def next_due(self) -> float | None:
+        """The earliest wall time at which a delayed task becomes ready."""
+        times = [s.delayed[0][0] for s in self.queues.values() if s.delayed]
+        return min(times) if times else None
+
+    # -- running ---------------------------------------------------------------
+    def take(self, state: QueueState) -> QueueTask | None:
+        """Pop the next ready task of a queue and mark it running."""
+        while state.ready:
+            task = state.ready.popleft()
+            if task.type not in state.config.handlers:
+                msg = f"no handler for task type {task.type!r} in queue {state.name!r}"
+                self._dead(task, state, TaskHandlerNotFound(msg).message)
+                continue
+            task.status = QueueTaskStatus.RUNNING
+            state.running += 1
+            self.store.put(task)
+            return task
+        return None
+
+    def give_back(self, task: QueueTask) -> None:
+        """A task handed out but never started goes back first in line, uncharged."""
+        state = self.queues[task.queue]
+        state.running -= 1
+        task.status = QueueTaskStatus.PENDING
+        state.ready.appendleft(task)
+        self.store.put(task)
+
+    def succeed(self, task: QueueTask, result: Any = None) -> None:
+        state = self.queues[task.queue]
+        state.running -= 1
+        state.counters.succeeded += 1
+        task.status = QueueTaskStatus.SUCCEEDED
+        task.result = result
+        self.store.put(task)
+        self.on_finish(task)
+
+    def fail(self, task: QueueTask, error: str, retry: bool = True) -> QueueTaskStatus:
+        """Apply a failed attempt: retry after ``retry_delay`` or dead-letter it."""
+        state = self.queues[task.queue]
+        state.running -= 1
+        limit = task.max_retry if task.max_retry > 0 else state.config.max_retry
+        if not retry or task.attempt >= limit:
+            self._dead(task, state, error)
+            return QueueTaskStatus.FAILED
+        now = self.clock()
+        task.attempt += 1
+        task.last_error = error
+        task.status = QueueTaskStatus.RETRYING
+        task.available_at = _dt(now + state.config.retry_delay)
+        state.counters.retried += 1
+        self.store.put(task)
+        self._enqueue(task, state, now + state.config.retry_delay, now)
+        return QueueTaskStatus.RETRYING
+
+    def _dead(self, task: QueueTask, state: QueueState, error: str) -> None:
+        task.status = QueueTaskStatus.FAILED
+        task.last_error = error
+        state.counters.failed += 1
+        self.store.put(task)
+        self.on_finish(task)
+
+    def get(self, task_id: str) -> QueueTask | None:
+        return self.store.get(task_id)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "concurrency": s.config.concurrency,
+                "pending": s.pending,
+                "ready": len(s.ready),
+                "running": s.running,
+                "retrying": s.retrying(),
+                "published": s.counters.published,
+                "succeeded": s.counters.succeeded,
+                "failed": s.counters.failed,
+                "retried": s.counters.retried,
+            }
+            for name, s in self.queues.items()
+        }
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)

@@ -1,0 +1,197 @@
+"""``procqueue`` command line: run | check | publish | task | status.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from .config import Config, load_config, parse_duration
+from .errors import ConfigError, ProcQueueError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="procqueue",
+        description=(
+            "A multiprocess worker-pool daemon: queues, retries, delays and time limits "
+            "over forked workers."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start the daemon in the foreground")
+    run.add_argument("config", help="path of the TOML config")
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override [procqueue] log_level",
+    )
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate the config and import every handler")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check)
+
+    pub = sub.add_parser("publish", help="publish one task; prints the stored task as JSON")
+    pub.add_argument("config")
+    pub.add_argument("--queue", required=True)
+    pub.add_argument("--type", required=True)
+    pub.add_argument("--payload", help="the payload as JSON text (e.g. '{\"id\": 7}')")
+    pub.add_argument("--key", default="")
+    pub.add_argument("--delay", help="run no earlier than this from now, e.g. 30s, 1h30m")
+    pub.add_argument("--timeout", help="time limit for this task, e.g. 10s")
+    pub.add_argument("--max-retry", type=int, default=0)
+    pub.add_argument("--header", action="append", default=[], metavar="K=V")
+    pub.add_argument("--wait", action="store_true", help="wait for the task to finish")
+    pub.set_defaults(func=cmd_publish)
+
+    task = sub.add_parser("task", help="print a task as JSON")
+    task.add_argument("config")
+    task.add_argument("id")
+    task.set_defaults(func=cmd_task)
+
+    status = sub.add_parser("status", help="queues, counters and workers")
+    status.add_argument("config")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"procqueue: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ProcQueueError as exc:
+        print(f"procqueue: {type(exc).__name__} (code {exc.code}): {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+
+
+def _usage(message: str) -> int:
+    print(f"procqueue: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .supervisor import run
+
+    config = load_config(args.config)
+    _setup_logging(args.log_level or config.settings.log_level)
+    return run(config)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .worker import load_handler
+
+    config = load_config(args.config)
+    for entry in reversed(config.settings.pythonpath):
+        sys.path.insert(0, str(entry))
+    failures = 0
+    for name, queue in config.queues.items():
+        for ttype, target in queue.handlers.items():
+            try:
+                load_handler(target)
+            except Exception as exc:
+                failures += 1
+                print(
+                    f"{config.path}: queues.{name!r}.handlers.{ttype!r}: cannot import "
+                    f"{target}: {type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                )
+    if failures:
+        return EXIT_FAIL
+    handlers = sum(len(q.handlers) for q in config.queues.values())
+    print(f"{config.path}: ok ({len(config.queues)} queue(s), {handlers} handler(s))")
+    return EXIT_OK
+
+
+def _client(config: Config) -> Any:
+    from .client import Client
+
+    return Client(config.settings.socket)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .task import QueueTask
+
+    config = load_config(args.config)
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = orjson.dumps(orjson.loads(args.payload))
+        except orjson.JSONDecodeError as exc:
+            return _usage(f"--payload is not valid JSON: {exc}")
+    headers = {}
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _usage(f"--header expects K=V, got {item!r}")
+        headers[key] = value
+    try:
+        delay = parse_duration(args.delay, "--delay") if args.delay else 0.0
+        timeout = parse_duration(args.timeout, "--timeout") if args.timeout else 0.0
+    except ValueError as exc:
+        return _usage(str(exc))
+    task = QueueTask(
+        queue=args.queue,
+        type=args.type,
+        payload=payload,
+        key=args.key,
+        headers=headers,
+        delay=delay,
+        timeout=timeout,
+        max_retry=args.max_retry,
+    )
+    with _client(config) as client:
+        stored = client.publish(task)
+        if args.wait:
+            stored = client.wait(stored.id)
+    print(stored.to_json().decode())
+    return EXIT_OK
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    with _client(config) as client:
+        print(client.get_task(args.id).to_json().decode())
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import render_status
+
+    config = load_config(args.config)
+    with _client(config) as client:
+        status = client.status()
+    if args.json:
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_status(status))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

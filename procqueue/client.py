@@ -1,0 +1,145 @@
+"""``Client``: talk to a running daemon over its control socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .control import FRAME, encode_frame
+from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
+from .task import QueueTask
+
+
+class Client:
+    """A blocking client; one request at a time. Not thread-safe: one per thread."""
+
+    def __init__(self, socket: str | os.PathLike[str], timeout: float | None = 30.0) -> None:
+        self.path = Path(socket)
+        self.timeout = timeout
+        self._sock: Any = None
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], timeout: float | None = 30.0) -> Client:
+        from .config import load_config
+
+        return cls(load_config(path).settings.socket, timeout)
+
+    # -- the API -----------------------------------------------------------------
+    def publish(
+        self, task: QueueTask, block: bool = True, timeout: float | None = None
+    ) -> QueueTask:
+        """Publish one task; returns the stored copy (id, created_at, status)."""
+        return self.publish_many([task], block=block, timeout=timeout)[0]
+
+    def publish_many(
+        self, tasks: Iterable[QueueTask], block: bool = True, timeout: float | None = None
+    ) -> list[QueueTask]:
+        """Publish tasks in one round trip.
+
+        When a queue is full (``buffer_size``), ``block=True`` waits and sends
+        the rest again until ``timeout`` (None = forever); ``block=False``
+        raises ``QueueFull`` (its ``accepted`` attribute lists what got in).
+        """
+        todo = [t.to_dict() for t in tasks]
+        stored: list[QueueTask] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            reply = self._call({"op": "publish", "tasks": todo}, raise_error=False)
+            if "ok" in reply:
+                return stored + [QueueTask.from_dict(t) for t in reply["ok"]]
+            err = error_from_dict(reply["error"])
+            got = [QueueTask.from_dict(t) for t in reply.get("accepted", [])]
+            stored += got
+            if not isinstance(err, QueueFull) or not block or _past(deadline):
+                err.accepted = stored  # type: ignore[attr-defined]
+                raise err
+            todo = todo[len(got) :]
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def get_task(self, task_id: str) -> QueueTask:
+        return QueueTask.from_dict(self._call({"op": "get_task", "id": task_id})["ok"])
+
+    def wait(self, task_id: str, timeout: float | None = None) -> QueueTask:
+        """Block until the task has finished (or ``timeout``); return it as it is then."""
+        request: dict[str, Any] = {"op": "wait", "id": task_id, "timeout": timeout}
+        return QueueTask.from_dict(self._call(request, io_timeout=None)["ok"])
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call({"op": "status"})["ok"]
+        return result
+
+    def ping(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call({"op": "ping"})["ok"]
+        return result
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ---------------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.path))
+            except OSError as exc:
+                sock.close()
+                raise DaemonUnavailable(
+                    f"cannot reach the procqueue daemon at {self.path}: {exc.strerror or exc}; "
+                    "is `procqueue run` running with this config?"
+                ) from None
+            self._sock = sock
+        return self._sock
+
+    def _call(
+        self,
+        request: dict[str, Any],
+        raise_error: bool = True,
+        io_timeout: float | str | None = "default",
+    ) -> dict[str, Any]:
+        sock = self._connect()
+        sock.settimeout(self.timeout if io_timeout == "default" else io_timeout)
+        try:
+            sock.sendall(encode_frame(request))
+            reply = orjson.loads(self._read_frame(sock))
+        except (OSError, EOFError) as exc:
+            self.close()
+            raise DaemonUnavailable(f"lost the connection to {self.path}: {exc}") from None
+        if raise_error and "error" in reply:
+            raise error_from_dict(reply["error"])
+        return dict(reply)
+
+    def _read_frame(self, sock: socket.socket) -> bytes:
+        (size,) = FRAME.unpack(_recv_exact(sock, 4))
+        if size > 1 << 30:
+            raise ProtocolError(f"reply of {size} bytes is implausible")
+        return _recv_exact(sock, size)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("connection closed by the daemon")
+        buf += chunk
+    return bytes(buf)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

@@ -1,0 +1,226 @@
+"""The control socket, server side: framing and connections, no task logic.
+
+Protocol: a Unix stream socket carrying frames ``u32 length (little-endian)
+| orjson object``. Each request is an object with an ``op``; each gets one
+reply, in order: ``{"ok": value}`` or ``{"error": {"code", "error",
+"message"}}``. No pickle anywhere: a client can name a queue and a type,
+never code. A malformed frame gets an error reply; an oversized one gets an
+error reply and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import DaemonUnavailable, ProcQueueError, ProtocolError
+
+log = logging.getLogger("procqueue.control")
+
+FRAME = struct.Struct("<I")
+MAX_REQUEST = 256 << 20  # a 16 MiB payload is ~22 MiB once base64'd into JSON
+
+
+class Deferred:
+    """Returned by a request handler that will answer later with ``Conn.reply``."""
+
+
+DEFERRED = Deferred()
+Handler = Callable[["Conn", dict[str, Any]], Any]
+
+
+def encode_frame(obj: Any) -> bytes:
+    body = orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    return FRAME.pack(len(body)) + body
+
+
+def error_reply(exc: ProcQueueError, **extra: Any) -> dict[str, Any]:
+    return {"error": exc.to_dict(), **extra}
+
+
+class Conn:
+    """One client connection: buffers requests, replies strictly in order."""
+
+    def __init__(self, server: ControlServer, sock: socket.socket) -> None:
+        self.server, self.sock = server, sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.waiting = False  # a deferred request is outstanding
+        self.closed = False
+        self.close_after_reply = False
+        self.want_write = False
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self._read()
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self._write()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.inbuf += data
+        self._process()
+
+    def _process(self) -> None:
+        while not self.waiting and not self.closed and len(self.inbuf) >= 4:
+            (size,) = FRAME.unpack_from(self.inbuf)
+            if size > MAX_REQUEST:
+                self.close_after_reply = True
+                self.reply(
+                    error_reply(ProtocolError(f"request of {size} bytes exceeds {MAX_REQUEST}"))
+                )
+                return
+            if len(self.inbuf) < 4 + size:
+                return
+            body = bytes(self.inbuf[4 : 4 + size])
+            del self.inbuf[: 4 + size]
+            self._handle(body)
+
+    def _handle(self, body: bytes) -> None:
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            self.reply(error_reply(ProtocolError(f"request is not valid JSON: {exc}")))
+            return
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            self.reply(error_reply(ProtocolError('a request must be an object with a string "op"')))
+            return
+        try:
+            result = self.server.handler(self, request)
+        except ProcQueueError as exc:
+            result = error_reply(exc)
+        except Exception as exc:  # a bug must not take the daemon down
+            log.exception("control request %r failed", request.get("op"))
+            result = error_reply(ProtocolError(f"internal error handling {request['op']!r}: {exc}"))
+        if result is DEFERRED:
+            self.waiting = True
+        else:
+            self.reply(result)
+
+    def reply(self, obj: Any) -> None:
+        """Send one reply (also the answer to a deferred request)."""
+        if self.closed:
+            return
+        self.waiting = False
+        self.outbuf += encode_frame(obj)
+        self._write()
+        if not self.closed and not self.waiting:
+            self._process()
+
+    def _write(self) -> None:
+        try:
+            sent = self.sock.send(self.outbuf)
+            del self.outbuf[:sent]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.close()
+            return
+        if not self.outbuf and self.close_after_reply:
+            self.close()
+            return
+        want_write = bool(self.outbuf)
+        if want_write != self.want_write:  # one epoll_ctl only when interest changes
+            self.want_write = want_write
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
+            self.server.selector.modify(self.sock, events, self.on_event)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.forget(self)
+        with contextlib.suppress(KeyError, ValueError):
+            self.server.selector.unregister(self.sock)
+        self.sock.close()
+
+
+class ControlServer:
+    def __init__(
+        self, path: Path, mode: int, selector: selectors.BaseSelector, handler: Handler
+    ) -> None:
+        self.path, self.selector, self.handler = path, selector, handler
+        self.conns: set[Conn] = set()
+        self.listener = _listen(path, mode)
+        selector.register(self.listener, selectors.EVENT_READ, self._accept)
+
+    def _accept(self, mask: int) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: log, keep serving
+                log.warning("control socket: accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            conn = Conn(self, sock)
+            self.conns.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
+
+    def forget(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+
+    def fds(self) -> list[socket.socket]:
+        return [self.listener, *(c.sock for c in self.conns)]
+
+    def close(self) -> None:
+        for conn in list(self.conns):
+            conn.close()
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.listener)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _listen(path: Path, mode: int) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_socket():
+        if _alive(path):
+            raise DaemonUnavailable(
+                f"another procqueue daemon is already serving {path}; stop it first "
+                "or give this config another socket"
+            )
+        path.unlink()  # stale, left by a daemon that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            log.debug("probing %s: %s", path, exc)
+        return False
+    finally:
+        probe.close()

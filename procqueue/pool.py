@@ -1,0 +1,407 @@
+"""The supervisor's worker pool: spawning, dispatch, outcomes, deaths.
+
+Dispatch is credit based: a worker holds at most ``1 + prefetch`` tasks, so
+with the default ``prefetch = 0`` a task goes only to an idle worker and a
+short task never waits behind a long one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from . import wire
+from .broker import Broker, QueueState
+from .config import Config
+from .ring import PeerGone
+from .spawn import WorkerHandle, WorkerState, fork_worker
+from .worker import EXIT_BOOT_ERROR
+
+log = logging.getLogger("procqueue.supervisor")
+
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+
+
+@dataclass
+class Slot:
+    """One worker position of a queue (``queue#index``) and its restart history."""
+
+    queue: str
+    index: int
+    worker: WorkerHandle | None = None
+    failures: int = 0
+    respawn_at: float | None = None
+    last_error: str = ""
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        selector: selectors.BaseSelector,
+        close_in_child: Callable[[], None],
+    ) -> None:
+        self.config, self.broker, self.selector = config, broker, selector
+        self._close_in_child = close_in_child
+        self.slots: dict[str, list[Slot]] = {
+            name: [Slot(name, i) for i in range(cfg.concurrency)]
+            for name, cfg in config.queues.items()
+        }
+        self.by_pid: dict[int, WorkerHandle] = {}
+        self.stopping = False
+        self.publish_hook: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+
+    # -- spawning --------------------------------------------------------------
+    def start_all(self) -> None:
+        for slots in self.slots.values():
+            for slot in slots:
+                self._spawn(slot)
+
+    def _spawn(self, slot: Slot) -> None:
+        slot.respawn_at = None
+        handle = fork_worker(self.config, slot.queue, slot.index, self._close_in_child)
+        slot.worker = handle
+        self.by_pid[handle.pid] = handle
+        self.selector.register(
+            handle.ep.sock, selectors.EVENT_READ, lambda mask, h=handle: self._on_doorbell(h)
+        )
+        log.debug("worker %s started, pid %d", handle.name, handle.pid)
+
+    def close_in_child(self) -> None:
+        for handle in self.by_pid.values():
+            handle.ep.sock.close()
+
+    def _on_doorbell(self, handle: WorkerHandle) -> None:
+        try:
+            handle.ep.drain_doorbell()
+        except PeerGone:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(handle.ep.sock)
+
+    # -- the sleep handshake -----------------------------------------------------
+    def sleep_prepare(self) -> bool:
+        """Tell every worker we are about to sleep; False if one already has news."""
+        ok = True
+        for handle in self.by_pid.values():
+            if not handle.ep.closed and not handle.ep.sleep_prepare():
+                ok = False
+        return ok
+
+    def sleep_done(self) -> None:
+        for handle in self.by_pid.values():
+            handle.ep.sleep_done()
+
+    def flush(self) -> None:
+        for handle in self.by_pid.values():
+            if not handle.ep.closed:
+                handle.ep.flush()
+
+    # -- outcomes ------------------------------------------------------------------
+    def collect(self) -> None:
+        for handle in list(self.by_pid.values()):
+            if handle.ep.closed and not handle.ep.rx.readable():
+                continue
+            for frame in handle.ep.recv():
+                self._on_frame(handle, frame)
+
+    def _on_frame(self, handle: WorkerHandle, frame: bytes) -> None:
+        op = frame[0]
+        if op == wire.OP_DONE:
+            task_id, result = wire.decode(frame)
+            task = self._finish_head(handle, task_id)
+            if task is not None:
+                self.broker.succeed(task, result)
+        elif op == wire.OP_FAILED:
+            task_id, _code, message, retry, *_ = wire.decode(frame)
+            task = self._finish_head(handle, task_id)
+            if task is not None:
+                status = self.broker.fail(task, message, retry)
+                log.info(
+                    "task %s (%s/%s) attempt %d failed (%s): %s",
+                    task.id,
+                    task.queue,
+                    task.type,
+                    task.attempt,
+                    status,
+                    message,
+                )
+        elif op == wire.OP_PUBLISH:
+            self._on_publish(handle, wire.decode(frame))
+        elif op == wire.OP_BOOTED:
+            handle.set_state(WorkerState.IDLE)
+            log.info("worker %s (pid %d) ready", handle.name, handle.pid)
+        elif op == wire.OP_BOOT_ERROR:
+            handle.boot_error = wire.decode(frame)["error"]
+
+    def _finish_head(self, handle: WorkerHandle, task_id: str) -> Any:
+        if not handle.inflight or handle.inflight[0].id != task_id:
+            log.error("worker %s reported task %s it was not running", handle.name, task_id)
+            return None
+        task = handle.inflight.popleft()
+        handle.tasks_done += 1
+        self._start_head(handle, time.monotonic())
+        return task
+
+    def _start_head(self, handle: WorkerHandle, now: float) -> None:
+        """The task now at the head of a worker's ring starts running now."""
+        if not handle.inflight:
+            handle.deadline = None
+            if handle.state is WorkerState.BUSY:
+                handle.set_state(WorkerState.IDLE)
+            return
+        handle.started_at = now
+        limit = self._limit(handle.inflight[0])
+        grace = self.config.queues[handle.queue].kill_grace
+        handle.deadline = now + limit + grace if limit > 0 else None
+
+    def _limit(self, task: Any) -> float:
+        return float(task.timeout or self.config.queues[task.queue].timeout)
+
+    def _on_publish(self, handle: WorkerHandle, body: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"rid": body.get("rid")}
+        try:
+            assert self.publish_hook is not None
+            reply["ok"] = self.publish_hook(body.get("tasks") or [])
+        except Exception as exc:
+            from .errors import InternalError, ProcQueueError
+
+            err = exc if isinstance(exc, ProcQueueError) else InternalError(str(exc))
+            reply["error"] = err.to_dict()
+        handle.ep.send(wire.encode(wire.OP_REPLY, reply))
+
+    # -- dispatch --------------------------------------------------------------------
+    def dispatch(self) -> None:
+        for state in self.broker.queues.values():
+            if state.ready:
+                self._dispatch_queue(state)
+
+    def _dispatch_queue(self, state: QueueState) -> None:
+        prefetch = state.config.prefetch
+        workers = [s.worker for s in self.slots.get(state.name, ()) if s.worker]
+        now = time.monotonic()
+        while state.ready:
+            handle = _pick(workers, prefetch)
+            if handle is None:
+                return
+            task = self.broker.take(state)
+            if task is None:
+                return
+            handle.ep.send(wire.encode_task(task, self._limit(task)))
+            handle.inflight.append(task)
+            if len(handle.inflight) == 1:
+                handle.set_state(WorkerState.BUSY)
+                self._start_head(handle, now)
+
+    # -- deaths ------------------------------------------------------------------------
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = self.by_pid.pop(pid, None)
+            if handle is not None:
+                self._on_exit(handle, status)
+
+    def _on_exit(self, handle: WorkerHandle, status: int) -> None:
+        for frame in handle.ep.recv():  # outcomes it sent just before it died
+            self._on_frame(handle, frame)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(handle.ep.sock)
+        handle.ep.close()
+        handle.set_state(WorkerState.DEAD)
+        how = _describe_exit(status)
+        self._settle_inflight(handle, how)
+        slot = (
+            self.slots[handle.queue][handle.index]
+            if handle.index < len(self.slots.get(handle.queue, []))
+            else None
+        )
+        if slot is None or slot.worker is not handle:
+            return
+        slot.worker = None
+        self._after_death(slot, handle, status, how)
+
+    def _settle_inflight(self, handle: WorkerHandle, how: str) -> None:
+        if not handle.inflight:
+            return
+        running = handle.inflight.popleft()
+        reason = handle.killed_for or f"worker {handle.name} (pid {handle.pid}) died: {how}"
+        status = self.broker.fail(running, reason, True)
+        log.warning(
+            "task %s (%s/%s): %s; now %s", running.id, running.queue, running.type, reason, status
+        )
+        while handle.inflight:  # prefetched, never started: back in line, uncharged
+            self.broker.give_back(handle.inflight.pop())
+
+    def _after_death(self, slot: Slot, handle: WorkerHandle, status: int, how: str) -> None:
+        if self.stopping:
+            log.info("worker %s (pid %d) exited: %s", handle.name, handle.pid, how)
+            return
+        # It never said "booted": its handlers fail to import, or it crashes at start.
+        boot_failed = (
+            os.waitstatus_to_exitcode(status) == EXIT_BOOT_ERROR
+            or handle.state is WorkerState.STARTING
+        )
+        if not boot_failed:
+            slot.failures = 0
+            log.warning("worker %s (pid %d) %s; starting a new one", handle.name, handle.pid, how)
+            self._spawn(slot)
+            return
+        slot.failures += 1
+        slot.last_error = handle.boot_error or f"worker exited at start: {how}"
+        delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (slot.failures - 1))
+        slot.respawn_at = time.monotonic() + delay
+        log.error(
+            "worker %s cannot start (%d in a row): %s; next try in %.1fs",
+            handle.name,
+            slot.failures,
+            slot.last_error,
+            delay,
+        )
+
+    # -- timers ------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        times = [h.deadline for h in self.by_pid.values() if h.deadline is not None]
+        if not self.stopping:
+            times += [
+                s.respawn_at for ss in self.slots.values() for s in ss if s.respawn_at is not None
+            ]
+        return min(times) if times else None
+
+    def check_deadlines(self, now: float) -> None:
+        for handle in list(self.by_pid.values()):
+            if handle.deadline is not None and now >= handle.deadline and handle.inflight:
+                self._hard_kill(handle)
+        if self.stopping:
+            return
+        for slots in self.slots.values():
+            for slot in slots:
+                if slot.respawn_at is not None and now >= slot.respawn_at:
+                    self._spawn(slot)
+
+    def _hard_kill(self, handle: WorkerHandle) -> None:
+        task = handle.inflight[0]
+        limit = self._limit(task)
+        handle.killed_for = (
+            f"timeout: task ran past its time limit of {limit:g}s and ignored the "
+            f"soft timeout; worker {handle.name} (pid {handle.pid}) was killed"
+        )
+        handle.deadline = None
+        log.warning("task %s (%s/%s): %s", task.id, task.queue, task.type, handle.killed_for)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, signal.SIGKILL)
+
+    # -- stopping and resizing -----------------------------------------------------------
+    def terminate_all(self) -> None:
+        """Graceful: each worker finishes its current task, then exits."""
+        for handle in self.by_pid.values():
+            handle.set_state(WorkerState.RETIRING)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGTERM)
+
+    def kill_all(self, wait: bool = True) -> None:
+        self.stopping = True
+        for handle in self.by_pid.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGKILL)
+        if wait:
+            deadline = time.monotonic() + 5.0
+            while self.by_pid and time.monotonic() < deadline:
+                for pid, handle in list(self.by_pid.items()):
+                    with contextlib.suppress(ChildProcessError):
+                        done, status = os.waitpid(pid, 0)
+                        if done:
+                            del self.by_pid[pid]
+                            self._on_exit(handle, status)
+
+    def resize(self, delta: int) -> None:
+        for name, slots in self.slots.items():
+            if delta > 0:
+                slot = Slot(name, len(slots))
+                slots.append(slot)
+                self._spawn(slot)
+            elif len(slots) > 1:
+                slot = slots.pop()
+                if slot.worker is not None:
+                    slot.worker.set_state(WorkerState.RETIRING)
+                    slot.worker.ep.send(wire.encode(wire.OP_STOP, None))
+            log.info("queue %s: %d worker(s)", name, len(slots))
+
+    # -- looking -----------------------------------------------------------------------
+    def alive(self) -> int:
+        return len(self.by_pid)
+
+    def running(self) -> int:
+        return sum(1 for h in self.by_pid.values() if h.inflight)
+
+    def describe(self, queue: str) -> list[dict[str, Any]]:
+        out = []
+        now = time.monotonic()
+        for slot in self.slots.get(queue, []):
+            handle = slot.worker
+            if handle is None:
+                out.append(
+                    {
+                        "name": f"{queue}#{slot.index}",
+                        "pid": None,
+                        "state": "crashing" if slot.failures else "dead",
+                        "error": slot.last_error,
+                        "task_id": None,
+                        "rss": None,
+                    }
+                )
+                continue
+            head = handle.inflight[0] if handle.inflight else None
+            out.append(
+                {
+                    "name": handle.name,
+                    "pid": handle.pid,
+                    "state": handle.state.value,
+                    "task_id": head.id if head else None,
+                    "running_for": round(now - handle.started_at, 3) if head else None,
+                    "tasks_done": handle.tasks_done,
+                    "rss": _rss(handle.pid),
+                }
+            )
+        return out
+
+
+def _pick(workers: list[WorkerHandle], prefetch: int) -> WorkerHandle | None:
+    """An idle worker if there is one, else the least loaded with room."""
+    best = None
+    for handle in workers:
+        if handle.has_room(prefetch):
+            if not handle.inflight:
+                return handle
+            if best is None or len(handle.inflight) < len(best.inflight):
+                best = handle
+    return best
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(sig).name}"
+        return f"killed by signal {sig}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None

@@ -1,0 +1,53 @@
+"""Render ``status`` replies as a table a person can read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_QUEUE_COLUMNS = ("queue", "workers", "pending", "running", "retrying", "succeeded", "failed")
+_WORKER_COLUMNS = ("worker", "pid", "state", "task", "for", "done", "rss")
+
+
+def render_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"procqueue pid {status['pid']} {status['state']}  config {status['config']}  "
+        f"store {status['store']}",
+        "",
+    ]
+    queues = status["queues"]
+    rows = [
+        [name, str(q["concurrency"]), *(str(q[c]) for c in _QUEUE_COLUMNS[2:])]
+        for name, q in queues.items()
+    ]
+    lines += _table(_QUEUE_COLUMNS, rows)
+    workers = [w for q in queues.values() for w in q["workers"]]
+    lines += ["", *_table(_WORKER_COLUMNS, [_worker_row(w) for w in workers])]
+    errors = [f"  {w['name']}: {w['error']}" for w in workers if w.get("error")]
+    if errors:
+        lines += ["", "errors:", *errors]
+    return "\n".join(lines)
+
+
+def _worker_row(w: dict[str, Any]) -> list[str]:
+    running = w.get("running_for")
+    return [
+        w["name"],
+        str(w["pid"] or "-"),
+        w["state"],
+        w.get("task_id") or "-",
+        f"{running:.1f}s" if running is not None else "-",
+        str(w.get("tasks_done", "-")),
+        _mib(w.get("rss")),
+    ]
+
+
+def _mib(rss: int | None) -> str:
+    return "-" if rss is None else f"{rss / (1 << 20):.1f}MiB"
+
+
+def _table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), *(fmt.format(*r) for r in rows)]

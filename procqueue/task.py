@@ -1,0 +1,198 @@
+"""The task model: ``QueueTask``, its statuses and the payload helpers.
+
+Follows the reference's ``QueueTask`` field for field. In Python, durations
+(``delay``, ``timeout``) are float seconds (a ``timedelta`` is accepted) and
+times are timezone-aware ``datetime`` in UTC. The JSON form (orjson) uses the
+same snake_case names, durations as seconds, times as RFC 3339 strings and
+``payload`` as base64 (as the reference's ``encoding/json`` does for bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import orjson
+
+from .errors import InvalidQueuePayload, InvalidQueueTask
+
+T = TypeVar("T")
+
+
+class QueueTaskStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (QueueTaskStatus.SUCCEEDED, QueueTaskStatus.FAILED)
+
+
+def _seconds(value: float | timedelta | None, name: str) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise InvalidQueueTask(f"task {name}: expected seconds >= 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(slots=True)
+class QueueTask:
+    """One unit of work, routed by ``(queue, type)`` to a handler."""
+
+    queue: str = ""
+    type: str = ""
+    payload: bytes | None = None
+    key: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    timeout: float = 0.0
+    max_retry: int = 0
+    id: str = ""
+    attempt: int = 0
+    status: QueueTaskStatus | None = None
+    last_error: str = ""
+    created_at: datetime | None = None
+    available_at: datetime | None = None
+    result: Any = None
+
+    def __post_init__(self) -> None:
+        self.delay = _seconds(self.delay, "delay")
+        self.timeout = _seconds(self.timeout, "timeout")
+        if isinstance(self.payload, bytearray | memoryview):
+            self.payload = bytes(self.payload)
+        elif self.payload is not None and not isinstance(self.payload, bytes):
+            raise InvalidQueuePayload(
+                f"task {self.type or '?'}: payload must be bytes (use marshal_payload), "
+                f"got {type(self.payload).__name__}"
+            )
+        if self.status is not None and not isinstance(self.status, QueueTaskStatus):
+            self.status = QueueTaskStatus(self.status)
+
+    def identifier(self) -> str:
+        return self.id
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form: every field, durations in seconds, times RFC 3339."""
+        return {
+            "id": self.id,
+            "queue": self.queue,
+            "type": self.type,
+            "key": self.key,
+            "payload": base64.b64encode(self.payload).decode() if self.payload else None,
+            "headers": self.headers,
+            "delay": self.delay,
+            "timeout": self.timeout,
+            "max_retry": self.max_retry,
+            "attempt": self.attempt,
+            "status": self.status.value if self.status else None,
+            "last_error": self.last_error,
+            "created_at": self.created_at,
+            "available_at": self.available_at,
+            "result": self.result,
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QueueTask:
+        if not isinstance(data, dict):
+            raise InvalidQueueTask(f"a task must be a JSON object, got {type(data).__name__}")
+        unknown = set(data) - _FIELD_NAMES
+        if unknown:
+            raise InvalidQueueTask(f"unknown task field(s): {', '.join(sorted(unknown))}")
+        values = dict(data)
+        payload = values.get("payload")
+        if isinstance(payload, str):
+            try:
+                values["payload"] = base64.b64decode(payload, validate=True)
+            except ValueError as exc:
+                raise InvalidQueuePayload(f"task payload is not valid base64: {exc}") from None
+        for name in ("created_at", "available_at"):
+            if isinstance(values.get(name), str):
+                values[name] = _parse_time(values[name], name)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise InvalidQueueTask(f"invalid task: {exc}") from None
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> QueueTask:
+        try:
+            return cls.from_dict(orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            raise InvalidQueueTask(f"task is not valid JSON: {exc}") from None
+
+    def copy(self, **changes: Any) -> QueueTask:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELD_NAMES = {f.name for f in dataclasses.fields(QueueTask)}
+
+
+def _parse_time(text: str, name: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidQueueTask(f"task {name}: expected an RFC 3339 time, got {text!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def marshal_payload(obj: Any) -> bytes | None:
+    """Serialise ``obj`` to JSON bytes for ``QueueTask.payload`` (bytes pass through)."""
+    if obj is None:
+        return None
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return bytes(obj)
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as exc:
+        raise InvalidQueuePayload(f"payload is not JSON-serialisable: {exc}") from None
+
+
+def unmarshal_payload(task: QueueTask, into: Any = None) -> Any:
+    """Decode a task's JSON payload.
+
+    ``into`` may be ``None`` (return the decoded value), a dataclass or other
+    class (``into(**obj)`` for objects, ``into(value)`` otherwise), or a dict /
+    list to fill in place (as the reference fills a pointer).
+    """
+    if not task.payload:
+        return into if isinstance(into, dict | list) else None
+    try:
+        value = orjson.loads(task.payload)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidQueuePayload(
+            f"task {task.id or '?'} ({task.queue}/{task.type}): payload is not JSON: {exc}"
+        ) from None
+    if into is None:
+        return value
+    try:
+        if isinstance(into, dict):
+            into.update(value)
+            return into
+        if isinstance(into, list):
+            into.extend(value)
+            return into
+        if isinstance(into, type) and isinstance(value, dict) and into is not dict:
+            return into(**value)
+        return into(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidQueuePayload(
+            f"task {task.id or '?'} ({task.queue}/{task.type}): payload does not fit "
+            f"{getattr(into, '__name__', type(into).__name__)}: {exc}"
+        ) from None

@@ -1,0 +1,251 @@
+"""The worker process: imports its queue's handlers after the fork, runs tasks.
+
+A worker is a stateless executor. It takes task frames from its down ring,
+runs one task at a time, reports each outcome on its up ring and sleeps on
+the doorbell when there is nothing to do. Killing it loses nothing: the
+supervisor owns every task and charges or re-queues what the worker held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import importlib
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import orjson
+import setproctitle
+
+from . import wire
+from .config import Config
+from .context import Context
+from .errors import InternalError, ProcQueueError, TaskHandlerNotFound, TaskTimeout
+from .ring import Endpoint, PeerGone
+from .task import QueueTask
+
+log = logging.getLogger("procqueue.worker")
+
+EXIT_BOOT_ERROR = 3  # handlers failed to import: the supervisor backs off before a new try
+SPIN_SECONDS = 50e-6  # poll the ring this long before sleeping on the doorbell
+PR_SET_PDEATHSIG = 1
+MAX_RESULT_BYTES = 1 << 20
+
+Handler = Callable[[Context, QueueTask], Any]
+
+
+class _Stop(Exception):
+    """The supervisor asked this worker to exit after its current task."""
+
+
+class Worker:
+    def __init__(self, config: Config, queue: str, index: int, ep: Endpoint, parent: int) -> None:
+        self.config, self.queue, self.index, self.ep = config, queue, index, ep
+        self.parent = parent
+        self.name = f"{queue}#{index}"
+        self.handlers: dict[str, Handler] = {}
+        self.backlog: collections.deque[bytes] = collections.deque()  # frames read early
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._rid = 0
+
+    # -- boot --------------------------------------------------------------
+    def boot(self) -> None:
+        for entry in reversed(self.config.settings.pythonpath):
+            if str(entry) not in sys.path:
+                sys.path.insert(0, str(entry))
+        self._title("idle")
+        cfg = self.config.queues[self.queue]
+        try:
+            for ttype, target in cfg.handlers.items():
+                self.handlers[ttype] = load_handler(target)
+        except Exception as exc:
+            msg = f"queue {self.queue!r}: cannot load handler: {_describe(exc)}"
+            self.ep.send(wire.encode(wire.OP_BOOT_ERROR, {"error": msg}))
+            self.ep.flush()
+            os._exit(EXIT_BOOT_ERROR)
+        self.ep.send(wire.encode(wire.OP_BOOTED, {"pid": os.getpid()}))
+        self.ep.flush()
+
+    # -- main loop ---------------------------------------------------------
+    def serve(self) -> NoReturn:
+        try:
+            while not (self.stopping or _terminated):
+                frame = self._next_frame()
+                if frame is not None:
+                    self._on_frame(frame)
+        except (PeerGone, _Stop):
+            pass
+        os._exit(0)
+
+    def _next_frame(self) -> bytes | None:
+        if not self.backlog:
+            self.backlog.extend(self.ep.recv())
+        if self.backlog:
+            return self.backlog.popleft()
+        self.ep.flush()
+        self.ep.wait(1.0, spin=SPIN_SECONDS)
+        if os.getppid() != self.parent:
+            raise PeerGone("supervisor is gone")
+        return None
+
+    def _on_frame(self, frame: bytes) -> None:
+        op = frame[0]
+        if op == wire.OP_TASK:
+            task, limit = wire.decode_task(frame)
+            self._run(task, limit)
+        elif op == wire.OP_STOP:
+            raise _Stop()
+        else:
+            log.warning("worker %s: unexpected frame %r", self.name, bytes(frame[:1]))
+
+    def _run(self, task: QueueTask, limit: float) -> None:
+        self._title(f"busy {task.id}")
+        deadline = time.time() + limit if limit > 0 else None
+        ctx = Context(task, deadline, self.name, self._publish)
+        try:
+            result = self._call(task, ctx, limit)
+        except BaseException as exc:  # every failure is reported; SystemExit also ends us
+            if not isinstance(exc, Exception):
+                self.stopping = True
+            self.ep.send(wire.encode(wire.OP_FAILED, _failure(task, exc)))
+        else:
+            self.ep.send(wire.encode(wire.OP_DONE, [task.id, _keepable(result)]))
+        self.ep.flush()
+        self._title("idle")
+
+    def _call(self, task: QueueTask, ctx: Context, limit: float) -> Any:
+        handler = self.handlers.get(task.type)
+        if handler is None:
+            raise TaskHandlerNotFound(
+                f"no handler for task type {task.type!r} in queue {task.queue!r}"
+            )
+        if limit > 0:
+            signal.setitimer(signal.ITIMER_REAL, limit)
+        try:
+            result = handler(ctx, task)
+            if inspect.isawaitable(result):
+                result = self._event_loop().run_until_complete(result)
+            return result
+        finally:
+            if limit > 0:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        return self.loop
+
+    # -- ctx.publish: a request/reply over the channel -----------------------
+    def _publish(self, tasks: list[QueueTask]) -> list[QueueTask]:
+        self._rid += 1
+        rid = self._rid
+        self.ep.send(
+            wire.encode(wire.OP_PUBLISH, {"rid": rid, "tasks": [t.to_dict() for t in tasks]})
+        )
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            self.ep.flush()
+            for frame in self.ep.recv():
+                if frame[0] == wire.OP_REPLY and wire.decode(frame)["rid"] == rid:
+                    return _reply_tasks(wire.decode(frame))
+                self.backlog.append(frame)
+            self.ep.wait(0.5)
+        raise InternalError(f"worker {self.name}: no reply from the supervisor to publish")
+
+    def _title(self, state: str) -> None:
+        setproctitle.setproctitle(f"procqueue: worker {self.name} {state}")
+
+
+def _reply_tasks(reply: dict[str, Any]) -> list[QueueTask]:
+    from .errors import error_from_dict
+
+    if "error" in reply:
+        raise error_from_dict(reply["error"])
+    return [QueueTask.from_dict(t) for t in reply["ok"]]
+
+
+def load_handler(target: str) -> Handler:
+    """Import ``package.module:attr.path`` and return the callable."""
+    module_name, _, attr_path = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{target} is not callable")
+    return obj
+
+
+def _describe(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()
+
+
+def _failure(task: QueueTask, exc: BaseException) -> list[Any]:
+    """The F frame body: [id, code, message, retry]."""
+    if isinstance(exc, TaskTimeout):
+        return [task.id, exc.code, f"timeout: {exc.message}", True]
+    if isinstance(exc, TaskHandlerNotFound):
+        return [task.id, exc.code, exc.message, False]
+    code = exc.code if isinstance(exc, ProcQueueError) else 0
+    tb = traceback.format_exception(exc)
+    return [task.id, code, _describe(exc), True, "".join(tb[-6:])]
+
+
+def _keepable(result: Any) -> Any:
+    """A handler's return value if JSON-serialisable and not too large, else None."""
+    if result is None:
+        return None
+    try:
+        raw = orjson.dumps(result)
+    except TypeError:
+        return None
+    return result if len(raw) <= MAX_RESULT_BYTES else None
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise TaskTimeout("the task ran past its time limit")
+
+
+_terminated = False
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    # Only record: the current task finishes, then the loop sees the flag.
+    global _terminated
+    _terminated = True
+
+
+def prepare_process(parent: int) -> None:
+    """Signal set-up in the fresh child: called right after the fork."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    _die_with_parent()
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us if the supervisor dies (even mid-task in C code)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the doorbell EOF and the getppid check still notice
+
+
+def worker_main(config: Config, queue: str, index: int, ep: Endpoint, parent: int) -> NoReturn:
+    worker = Worker(config, queue, index, ep, parent)
+    worker.boot()
+    worker.serve()
