@@ -82,6 +82,8 @@ class WorkerPool:
             handle.ep.sock.close()
 
     def _on_doorbell(self, handle: WorkerHandle) -> None:
+        if handle.ep.closed:  # reaped earlier in this same batch of events
+            return
         try:
             handle.ep.drain_doorbell()
         except PeerGone:
@@ -236,6 +238,10 @@ class WorkerPool:
 
     def _settle_inflight(self, handle: WorkerHandle, how: str) -> None:
         if not handle.inflight:
+            return
+        if how == "exited with code 0":  # a clean exit happens only between tasks
+            while handle.inflight:
+                self.broker.give_back(handle.inflight.pop())
             return
         running = handle.inflight.popleft()
         reason = handle.killed_for or f"worker {handle.name} (pid {handle.pid}) died: {how}"

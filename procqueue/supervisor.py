@@ -114,7 +114,10 @@ class Supervisor:
         events = self.selector.select(timeout)
         self.pool.sleep_done()
         for key, mask in events:
-            key.data(mask)
+            try:
+                key.data(mask)
+            except Exception:  # a bug in one event handler must not stop the daemon
+                log.exception("supervisor: error handling an event on fd %d", key.fd)
         self.pool.collect()
         self._fire_timers()
         if self.state is SupervisorState.RUNNING:
