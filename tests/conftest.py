@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -120,9 +121,8 @@ def write_config(directory: Path, queues: str = BASE_QUEUES, settings: str = "")
         store = "memory"
         socket = "pq.sock"
         pythonpath = ["{TESTS}"]
-        shutdown_timeout = "10s"
         log_level = "debug"
-        {settings}
+        {settings or 'shutdown_timeout = "10s"'}
         """)
         + textwrap.dedent(queues)
     )
@@ -165,10 +165,8 @@ def make_daemon(short_dir: Path) -> Iterator[Callable[..., Daemon]]:
         for client in daemon.clients:
             client.close()
         if daemon.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(daemon.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             daemon.proc.wait(10)
 
 

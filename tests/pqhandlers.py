@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -52,10 +53,8 @@ def stubborn(ctx: Context, task: QueueTask) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     end = time.time() + 60
     while time.time() < end:
-        try:
+        with contextlib.suppress(TaskTimeout):
             time.sleep(0.05)
-        except TaskTimeout:
-            pass
 
 
 def die_once(ctx: Context, task: QueueTask) -> int:

@@ -1,0 +1,52 @@
+"""Task bodies for the benchmark: procqueue handlers and their plain twins.
+
+The daemon's workers import this module (the repo root is on the config's
+``pythonpath``); the process pools pickle the plain functions by reference.
+Every system runs the very same ``spin`` loop for the CPU-bound tasks, with an
+iteration count calibrated once in the benchmark process to ~10 ms.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from procqueue import Context, QueueTask
+
+CPU_SECONDS = 0.010
+
+
+def spin(iterations: int) -> int:
+    """Pure-Python CPU work: ``iterations`` turns of a small arithmetic loop."""
+    x = 1
+    for _ in range(iterations):
+        x = (x * 31 + 7) & 0xFFFF  # small ints only: the same cost every turn
+    return x
+
+
+def busy_for(seconds: float) -> None:
+    """Burn CPU until ``seconds`` of wall time have passed (when not calibrated)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def noop(ctx: Context, task: QueueTask) -> None:
+    """procqueue handler that does nothing."""
+
+
+def cpu10ms(ctx: Context, task: QueueTask) -> None:
+    """procqueue handler: ``spin(int(payload))``, or a 10 ms busy wait without payload."""
+    if task.payload:
+        spin(int(task.payload))
+    else:
+        busy_for(CPU_SECONDS)
+
+
+def noop_plain(arg: Any = None) -> None:
+    """The no-op for ProcessPoolExecutor and multiprocessing.Pool."""
+
+
+def cpu_plain(iterations: int) -> None:
+    """The CPU-bound task for ProcessPoolExecutor and the bare-fork ceiling."""
+    spin(iterations)

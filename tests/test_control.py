@@ -1,0 +1,148 @@
+"""The control socket and the CLI around it: bad input gets a clear error, never a crash."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import struct
+
+import orjson
+import pytest
+from conftest import run_cli, write_config
+
+from procqueue import QueueTask, QueueTaskStatus
+from procqueue.control import MAX_REQUEST
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _raw(daemon, data: bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(daemon.socket))
+    sock.sendall(data)
+    return sock
+
+
+def _reply(sock: socket.socket) -> dict:
+    head = sock.recv(4, socket.MSG_WAITALL)
+    (size,) = struct.unpack("<I", head)
+    return orjson.loads(sock.recv(size, socket.MSG_WAITALL))
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack("<I", len(body)) + body
+
+
+def test_socket_is_private(daemon):
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("body", "expect"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", '"op"'),
+        (b'{"op": "explode"}', "unknown op"),
+        (b'{"op": "publish", "tasks": "x"}', "list of task objects"),
+        (
+            b'{"op": "publish", "tasks": [{"queue": "default", "type": "echo", "bogus": 1}]}',
+            "unknown task field",
+        ),
+        (
+            b'{"op": "publish", "tasks": [{"queue": "default", "type": "echo", "payload": "!!"}]}',
+            "base64",
+        ),
+    ],
+)
+def test_malformed_requests_get_error_replies(daemon, body, expect):
+    with _raw(daemon, _frame(body)) as sock:
+        reply = _reply(sock)
+        assert expect in reply["error"]["message"]
+        assert isinstance(reply["error"]["code"], int)
+        # the same connection still works afterwards
+        sock.sendall(_frame(b'{"op": "ping"}'))
+        assert _reply(sock)["ok"]["state"] == "running"
+
+
+def test_oversized_frame_is_refused_and_connection_closed(daemon):
+    with _raw(daemon, struct.pack("<I", MAX_REQUEST + 1)) as sock:
+        reply = _reply(sock)
+        assert "exceeds" in reply["error"]["message"]
+        assert sock.recv(1) == b""
+    assert daemon.client().ping()["state"] == "running"
+
+
+def test_client_disconnect_mid_frame_does_not_hurt(daemon):
+    sock = _raw(daemon, struct.pack("<I", 100) + b'{"op"')
+    sock.close()
+    done = daemon.run_task(queue="default", type="echo")
+    assert done.status is QueueTaskStatus.SUCCEEDED
+
+
+def test_wait_with_timeout_returns_unfinished_task(daemon):
+    client = daemon.client()
+    stored = client.publish(QueueTask(queue="default", type="stamp", delay=5))
+    task = client.wait(stored.id, timeout=0.2)
+    assert task.status is QueueTaskStatus.PENDING
+
+
+def test_second_daemon_on_same_socket_refuses(daemon):
+    from conftest import start_daemon
+
+    other = start_daemon(daemon.config)
+    assert other.proc.wait(20) == 1
+    assert "already serving" in other.logs()
+    assert daemon.client().ping()["state"] == "running"
+
+
+def test_bad_config_exits_2_naming_file_and_key(short_dir):
+    config = write_config(
+        short_dir,
+        queues="""
+        [queues."q"]
+        concurrency = "two"
+    """,
+    )
+    for command in ("run", "check"):
+        result = run_cli(command, str(config))
+        assert result.returncode == 2
+        assert str(config) in result.stderr
+        assert 'queues."q".concurrency' in result.stderr and "integer" in result.stderr
+
+
+def test_check_imports_every_handler(short_dir):
+    good = write_config(
+        short_dir,
+        queues="""
+        [queues."q"]
+        [queues."q".handlers]
+        "echo" = "pqhandlers:echo"
+    """,
+    )
+    result = run_cli("check", str(good))
+    assert result.returncode == 0 and "ok" in result.stdout
+    bad = write_config(
+        short_dir,
+        queues="""
+        [queues."q"]
+        [queues."q".handlers]
+        "x" = "broken_handlers:handler"
+        "y" = "pqhandlers:no_such_function"
+    """,
+    )
+    result = run_cli("check", str(bad))
+    assert result.returncode == 1
+    assert "broken on purpose" in result.stderr and "no_such_function" in result.stderr
+
+
+def test_cli_without_daemon_fails_clearly(short_dir):
+    config = write_config(short_dir)
+    result = run_cli("status", str(config))
+    assert result.returncode == 1 and "cannot reach the procqueue daemon" in result.stderr
+
+
+def test_help_for_every_command():
+    for command in ("run", "check", "publish", "task", "status"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: procqueue" in result.stdout
