@@ -59,7 +59,8 @@ class QueueState:
         return len(self.ready) + len(self.delayed)
 
     def retrying(self) -> int:
-        return sum(1 for _, _, t in self.delayed if t.status is QueueTaskStatus.RETRYING)
+        waiting = sum(1 for _, _, t in self.delayed if t.status is QueueTaskStatus.RETRYING)
+        return waiting + sum(1 for t in self.ready if t.status is QueueTaskStatus.RETRYING)
 
 
 class Broker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import socket as _socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +23,7 @@ class Client:
     def __init__(self, socket: str | os.PathLike[str], timeout: float | None = 30.0) -> None:
         self.path = Path(socket)
         self.timeout = timeout
-        self._sock: Any = None
+        self._sock: _socket.socket | None = None
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], timeout: float | None = 30.0) -> Client:
@@ -110,10 +111,11 @@ class Client:
         self,
         request: dict[str, Any],
         raise_error: bool = True,
-        io_timeout: float | str | None = "default",
+        io_timeout: float | None = -1.0,
     ) -> dict[str, Any]:
+        """One request, one reply; ``io_timeout`` -1 means the client's own timeout."""
         sock = self._connect()
-        sock.settimeout(self.timeout if io_timeout == "default" else io_timeout)
+        sock.settimeout(self.timeout if io_timeout == -1.0 else io_timeout)
         try:
             sock.sendall(encode_frame(request))
             reply = orjson.loads(self._read_frame(sock))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from . import wire
 from .broker import Broker, QueueState
@@ -354,7 +354,7 @@ class WorkerPool:
         return sum(1 for h in self.by_pid.values() if h.inflight)
 
     def describe(self, queue: str) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         now = time.monotonic()
         for slot in self.slots.get(queue, []):
             handle = slot.worker

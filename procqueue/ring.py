@@ -155,17 +155,19 @@ class Endpoint:
         fit stays queued; ``sleep_prepare`` asks the peer to ring when it has
         made room.
         """
-        if self._out:
-            self._write_out()
-        _fence()
-        self._ring_if(self.tx._ctr[_SLEEP], "_rung_sleep")
+        if self._out and self._write_out():
+            # Only a flush that wrote wakes the peer: its sleep_prepare re-checks
+            # the ring after announcing, so earlier bytes cannot be missed.
+            _fence()
+            self._ring_if(self.tx._ctr[_SLEEP], "_rung_sleep")
         return not self._out
 
-    def _write_out(self) -> None:
+    def _write_out(self) -> int:
         with memoryview(self._out) as view:
             n = self.tx.write(view)
         if n:
             del self._out[:n]
+        return n
 
     @property
     def pending_out(self) -> int:
@@ -298,12 +300,15 @@ class Channel:
         if capacity < 64:
             raise ValueError("ring capacity must be at least 64 bytes")
         self.capacity = capacity
-        size = 2 * (HEADER + capacity)
+        # The up ring starts on a 64-byte boundary so that its counters, like the
+        # down ring's, are aligned 8-byte stores on their own cache lines.
+        stride = HEADER + (capacity + 63) // 64 * 64
+        size = stride + HEADER + capacity
         # -1: anonymous; MAP_SHARED so parent and forked child see the same pages.
         self.buf = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self.parent_sock, self.child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._down = (0, capacity)
-        self._up = (HEADER + capacity, capacity)
+        self._up = (stride, capacity)
 
     def parent(self) -> Endpoint:
         """The supervisor's end (call in the parent after the fork)."""

@@ -181,7 +181,8 @@ def load_handler(target: str) -> Handler:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{target} is not callable")
-    return obj
+    handler: Handler = obj
+    return handler
 
 
 def _describe(exc: BaseException) -> str:

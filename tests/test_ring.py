@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import select
@@ -22,11 +23,13 @@ MIN_CAP = 64
 def endpoints(capacity: int = MIN_CAP) -> Iterator[tuple[Endpoint, Endpoint]]:
     """Both ends of one channel in this process: (parent = producer on down, child)."""
     ch = Channel(capacity)
-    # Same layout as Channel.__init__: down ring first, up ring right after it.
-    assert ch._down == (0, capacity)
-    assert ch._up == (HEADER + capacity, capacity)
-    down_p, up_p = Ring(ch.buf, 0, capacity), Ring(ch.buf, HEADER + capacity, capacity)
-    down_c, up_c = Ring(ch.buf, 0, capacity), Ring(ch.buf, HEADER + capacity, capacity)
+    # The layout Channel.__init__ chose: (offset, capacity) of the down and up rings.
+    (down, down_cap), (up, up_cap) = ch._down, ch._up
+    assert down_cap == up_cap == capacity
+    assert down + HEADER + capacity <= up or up + HEADER + capacity <= down  # no overlap
+    assert max(down, up) + HEADER + capacity <= len(ch.buf)
+    down_p, up_p = Ring(ch.buf, down, capacity), Ring(ch.buf, up, capacity)
+    down_c, up_c = Ring(ch.buf, down, capacity), Ring(ch.buf, up, capacity)
     parent = Endpoint(down_p, up_p, ch.parent_sock, ch.buf)
     child = Endpoint(up_c, down_c, ch.child_sock, ch.buf)
     try:
@@ -420,6 +423,27 @@ def test_counters_only_grow() -> None:
         got += pump(parent, child)
         assert got == sent
         assert ring._ctr[_HEAD] == ring._ctr[_TAIL] == sum(4 + len(b) for b in sent)
+
+
+def _offset_in_cache_line(ring: Ring) -> int:
+    probe = ctypes.c_char.from_buffer(ring._ctr)
+    try:
+        return ctypes.addressof(probe) % 64
+    finally:
+        del probe
+
+
+def test_counters_are_cache_line_aligned_for_round_capacities() -> None:
+    with endpoints(1 << 16) as (parent, _):
+        assert _offset_in_cache_line(parent.tx) == 0
+        assert _offset_in_cache_line(parent.rx) == 0
+
+
+@pytest.mark.parametrize("capacity", [100, 4100, 4156])
+def test_counters_are_aligned_for_any_capacity(capacity: int) -> None:
+    with endpoints(capacity) as (parent, _):
+        assert _offset_in_cache_line(parent.tx) == 0
+        assert _offset_in_cache_line(parent.rx) == 0
 
 
 def test_ring_write_and_read_directly() -> None:
