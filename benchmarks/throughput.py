@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks                  # full run, a few minutes on 2 cores
+    python -m benchmarks                  # full run, under a minute on 2 cores
     python -m benchmarks --quick          # tiny sizes, one repetition (smoke test)
     python -m benchmarks --json r.json    # also write every figure as JSON
 
@@ -12,7 +12,8 @@ Three sections; inside each, the systems are measured interleaved
 1. no-op tasks, 2 workers: the procqueue daemon (memory store, prefetch 0 and
    prefetch 8, ``buffer_size`` large enough that publish never pushes back),
    fed with ``Client.publish_many`` in batches, timed from the first publish
-   until ``status()`` counts every task succeeded; versus
+   until ``Client.wait`` returns the last task and ``status()`` then counts
+   every task succeeded (re-polled every 2 ms if one is still running); versus
    ``ProcessPoolExecutor(2).submit`` per task and
    ``multiprocessing.Pool(2).imap_unordered(..., chunksize=1)``.
 2. CPU-bound ~10 ms tasks (a pure-Python loop calibrated once here), 2
@@ -142,9 +143,11 @@ def stop_daemon(proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
         print(f"warning: daemon {name} ignored SIGTERM for 15s:\n{log_tail(log)}", file=sys.stderr)
         return
     took = time.monotonic() - start
-    if code != 0 or took > 2.0:
+    logged = log.exists() and log.stat().st_size > 0  # log_level "warning": normally empty
+    if code != 0 or took > 2.0 or logged:
         print(
-            f"warning: daemon {name} exited {code} {took:.1f}s after SIGTERM:\n{log_tail(log)}",
+            f"warning: daemon {name} exited {code} {took:.1f}s after SIGTERM; its log:\n"
+            f"{log_tail(log)}",
             file=sys.stderr,
         )
 
@@ -246,21 +249,33 @@ def mp_pool_throughput(n: int, workers: int) -> float:
 
 
 def fork_ceiling(n: int, iterations: int, workers: int) -> float:
-    """Seconds for ``workers`` forked processes to run n tasks between them, no transport."""
+    """Seconds for ``workers`` forked processes to run n tasks between them, no transport.
+
+    The children are forked first and wait on a pipe, so the fork is not timed
+    (as the pools and the daemon are warm when their timing starts).
+    """
     shares = [n // workers + (i < n % workers) for i in range(workers)]
-    start = time.perf_counter()
+    go_r, go_w = os.pipe()
     pids = []
-    for share in shares:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for _ in range(share):
-                    handlers.cpu_plain(iterations)
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
+    try:
+        for share in shares:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.close(go_w)
+                    if os.read(go_r, 1):
+                        for _ in range(share):
+                            handlers.cpu_plain(iterations)
+                        code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        start = time.perf_counter()
+        os.write(go_w, b"g" * workers)
+    finally:
+        os.close(go_r)
+        os.close(go_w)  # a child still waiting (fork failed midway) reads EOF and exits
     for pid in pids:
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
@@ -366,6 +381,7 @@ def run_cpu(socket_path: Path, n: int, repeat: int) -> dict[str, Any]:
         "workers": WORKERS,
         "spin_iterations": iterations,
         "task_ms_measured": seconds * 1000,
+        "ideal_tasks_per_s": WORKERS / seconds,
         "systems": result,
         "ratios": {
             f"{CPU_PQ} / {CPU_PPE}": result[CPU_PQ]["median_tasks_per_s"]
@@ -391,7 +407,7 @@ def run_latency(socket_path: Path, samples: int, repeat: int) -> dict[str, Any]:
                 f"  latency {rep + 1}/{repeat}  {name}: p50 {p50s[name][-1]:,.0f} µs",
                 file=sys.stderr,
             )
-    result = {
+    result: dict[str, dict[str, Any]] = {
         name: {
             "samples": len(values),
             "p50_us": statistics.median(values) * 1e6,
@@ -444,7 +460,8 @@ def render(results: dict[str, Any]) -> str:
     meta, noop, cpu, lat = results["meta"], results["noop"], results["cpu"], results["latency"]
     runs = f"{meta['repeat']} run(s) each, interleaved"
     lines = [
-        f"procqueue benchmark  python {meta['python']}  {meta['cpus']} CPUs  {meta['machine']}",
+        f"procqueue benchmark  {meta['revision'] or 'unknown revision'}  "
+        f"python {meta['python']}  {meta['cpus']} CPUs  {meta['machine']}",
         "",
         *throughput_table(
             f"1. no-op tasks: N={noop['tasks']:,}, {WORKERS} workers, "
@@ -454,7 +471,8 @@ def render(results: dict[str, Any]) -> str:
         "",
         *throughput_table(
             f"2. CPU-bound tasks: N={cpu['tasks']}, {WORKERS} workers, "
-            f"spin({cpu['spin_iterations']:,}) = {cpu['task_ms_measured']:.1f} ms alone; {runs}",
+            f"spin({cpu['spin_iterations']:,}) = {cpu['task_ms_measured']:.1f} ms alone, "
+            f"so {WORKERS} x 1/task = {cpu['ideal_tasks_per_s']:.0f}/s; {runs}",
             cpu,
             ceiling=True,
         ),
@@ -468,6 +486,23 @@ def render(results: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ main
+
+
+def git_revision() -> str:
+    """HEAD's short hash, "+dirty" if procqueue/ has uncommitted changes; "" without git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "procqueue"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return ""
+    return head + ("+dirty" if head and dirty else "")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -500,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "quick": args.quick,
             "start_method": CTX.get_start_method(),
+            "revision": git_revision(),
         }
     }
     try:

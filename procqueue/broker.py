@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .store import Store
 from .task import QueueTask, QueueTaskStatus
 
 Clock = Callable[[], float]
+log = logging.getLogger("procqueue.broker")
 
 
 @dataclass(slots=True)
@@ -52,11 +54,21 @@ class QueueState:
     delayed: list[tuple[float, int, QueueTask]] = field(default_factory=list)  # heap
     running: int = 0
     counters: Counters = field(default_factory=Counters)
+    # Paging (stores that spill): while ``spilling``, new tasks go to disk only and
+    # the ready queue refills from the store in admission order after ``cursor``.
+    spilling: bool = False
+    cursor: int = 0
+    on_disk: int = 0
+
+    @property
+    def held(self) -> int:
+        """Tasks in memory waiting to run: ready now, delayed, or waiting for a retry."""
+        return len(self.ready) + len(self.delayed)
 
     @property
     def pending(self) -> int:
-        """Tasks held, waiting to run: ready now, delayed, or waiting for a retry."""
-        return len(self.ready) + len(self.delayed)
+        """Every task waiting to run, in memory or on disk."""
+        return len(self.ready) + len(self.delayed) + self.on_disk
 
     def retrying(self) -> int:
         waiting = sum(1 for _, _, t in self.delayed if t.status is QueueTaskStatus.RETRYING)
@@ -104,17 +116,17 @@ class Broker:
         accepted: list[QueueTask] = []
         now = self.clock()
         for task, state in zip(tasks, states, strict=True):
-            if not force and state.pending >= state.config.buffer_size:
+            if not force and not self.store.spills and state.held >= state.config.buffer_size:
                 err = QueueFull(
                     f"queue {state.name!r} is full: {state.pending} pending tasks "
                     f"(buffer_size = {state.config.buffer_size}); publish again later"
                 )
                 err.accepted = accepted  # type: ignore[attr-defined]
                 raise err
-            accepted.append(self._admit(task, state, now))
+            accepted.append(self._admit(task, state, now, force))
         return accepted
 
-    def _admit(self, task: QueueTask, state: QueueState, now: float) -> QueueTask:
+    def _admit(self, task: QueueTask, state: QueueState, now: float, force: bool) -> QueueTask:
         stored = task.copy(
             id=task.id or str(uuid.uuid4()),
             status=QueueTaskStatus.PENDING,
@@ -125,8 +137,13 @@ class Broker:
             available_at=_dt(now + task.delay),
         )
         state.counters.published += 1
-        self.store.put(stored)
-        self._enqueue(stored, state, now + task.delay, now)
+        if not state.spilling and state.held >= state.config.buffer_size and not force:
+            state.spilling, state.cursor = True, self.store.seq  # later tasks wait on disk
+        self.store.add(stored)
+        if state.spilling:
+            state.on_disk += 1
+        else:
+            self._enqueue(stored, state, now + task.delay, now)
         return stored
 
     def _enqueue(self, task: QueueTask, state: QueueState, at: float, now: float) -> None:
@@ -134,6 +151,61 @@ class Broker:
             state.ready.append(task)
         else:
             heapq.heappush(state.delayed, (at, next(self._seq), task))
+
+    def page_in(self) -> None:
+        """Refill spilling queues from the store (after its commit), oldest first."""
+        for state in self.queues.values():
+            room = state.config.buffer_size - state.held
+            if not state.spilling or room < max(1, state.config.buffer_size // 2):
+                continue
+            page = self.store.page(state.name, state.cursor, room)  # type: ignore[attr-defined]
+            now = self.clock()
+            for seq, task in page:
+                state.cursor = seq
+                self._enqueue(task, state, _ts(task.available_at), now)
+            state.on_disk = max(0, state.on_disk - len(page))
+            if len(page) < room:
+                state.spilling, state.on_disk = False, 0
+
+    def recover(self) -> None:
+        """After a restart: charge each task a dead supervisor left running, then
+        page every queue's unfinished tasks in from the store."""
+        store: Any = self.store
+        now = self.clock()
+        for task in store.running():
+            state = self.queues.get(task.queue)
+            limit = (
+                task.max_retry if task.max_retry > 0 else (state.config.max_retry if state else 0)
+            )
+            task.last_error = "supervisor died while the task was running (recovered at restart)"
+            if task.attempt >= limit:
+                task.status = QueueTaskStatus.FAILED
+            else:  # charged one attempt; the paging below brings it back
+                task.attempt += 1
+                task.status = QueueTaskStatus.PENDING
+                task.available_at = _dt(now)
+            store.put(task)
+        store.commit()
+        for name, count in store.unfinished_counts().items():
+            if name in self.queues:
+                self.queues[name].spilling, self.queues[name].on_disk = True, count
+            else:
+                log.warning(
+                    "store holds %d unfinished task(s) for queue %r, which is not "
+                    "in the config; they stay in the store",
+                    count,
+                    name,
+                )
+        self.page_in()
+
+    def requeue(self, task: QueueTask) -> QueueTask:
+        """A dead letter back in line as a fresh pending task (attempt 0)."""
+        state = self.validate(task)
+        task.status, task.attempt, task.result = QueueTaskStatus.PENDING, 0, None
+        task.available_at = _dt(self.clock())
+        self.store.put(task)
+        state.ready.append(task)
+        return task
 
     # -- timers ----------------------------------------------------------------
     def promote_due(self) -> None:
@@ -229,3 +301,7 @@ class Broker:
 
 def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+def _ts(value: datetime | None) -> float:
+    return value.timestamp() if value else 0.0

@@ -60,11 +60,33 @@ def _parser() -> argparse.ArgumentParser:
     task.add_argument("id")
     task.set_defaults(func=cmd_task)
 
+    _dead_parsers(sub)
+
     status = sub.add_parser("status", help="queues, counters and workers")
     status.add_argument("config")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
     return parser
+
+
+def _dead_parsers(sub: Any) -> None:
+    dead = sub.add_parser("dead", help="dead letters: tasks whose retries ran out")
+    verbs = dead.add_subparsers(dest="verb", required=True, metavar="VERB")
+    lst = verbs.add_parser("list", help="list dead letters, oldest first")
+    lst.add_argument("config")
+    lst.add_argument("--queue")
+    lst.add_argument("--json", action="store_true", help="one JSON array")
+    lst.set_defaults(func=cmd_dead_list)
+    req = verbs.add_parser("requeue", help="put dead letters back as pending (attempt 0)")
+    req.add_argument("config")
+    req.add_argument("id", nargs="?")
+    req.add_argument("--all", action="store_true", help="every dead letter (of --queue)")
+    req.add_argument("--queue")
+    req.set_defaults(func=cmd_dead_requeue)
+    purge = verbs.add_parser("purge", help="delete dead letters")
+    purge.add_argument("config")
+    purge.add_argument("--queue")
+    purge.set_defaults(func=cmd_dead_purge)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,6 +199,33 @@ def cmd_task(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with _client(config) as client:
         print(client.get_task(args.id).to_json().decode())
+    return EXIT_OK
+
+
+def cmd_dead_list(args: argparse.Namespace) -> int:
+    with _client(load_config(args.config)) as client:
+        tasks = client.dead_letters(args.queue)
+    if args.json:
+        print(orjson.dumps([t.to_dict() for t in tasks], option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    for t in tasks:
+        print(f"{t.id}  {t.queue}  {t.type}  attempt={t.attempt}  {t.last_error.splitlines()[0]}")
+    print(f"{len(tasks)} dead letter(s)")
+    return EXIT_OK
+
+
+def cmd_dead_requeue(args: argparse.Namespace) -> int:
+    if bool(args.id) == bool(args.all):
+        return _usage("dead requeue: give a task ID or --all")
+    with _client(load_config(args.config)) as client:
+        tasks = client.requeue_dead(args.id, all=args.all, queue=args.queue)
+    print(f"requeued {len(tasks)} task(s)")
+    return EXIT_OK
+
+
+def cmd_dead_purge(args: argparse.Namespace) -> int:
+    with _client(load_config(args.config)) as client:
+        print(f"purged {client.purge_dead(args.queue)} dead letter(s)")
     return EXIT_OK
 
 

@@ -73,6 +73,22 @@ class Client:
         request: dict[str, Any] = {"op": "wait", "id": task_id, "timeout": timeout}
         return QueueTask.from_dict(self._call(request, io_timeout=None)["ok"])
 
+    def dead_letters(self, queue: str | None = None, limit: int = 1000) -> list[QueueTask]:
+        """Tasks whose retries ran out (or whose handler is missing), oldest first."""
+        reply = self._call({"op": "dead_list", "queue": queue, "limit": limit})
+        return [QueueTask.from_dict(t) for t in reply["ok"]]
+
+    def requeue_dead(
+        self, task_id: str | None = None, *, all: bool = False, queue: str | None = None
+    ) -> list[QueueTask]:
+        """Put one dead letter (or ``all``, optionally of one queue) back as pending."""
+        request = {"op": "dead_requeue", "id": task_id, "all": all, "queue": queue}
+        return [QueueTask.from_dict(t) for t in self._call(request)["ok"]]
+
+    def purge_dead(self, queue: str | None = None) -> int:
+        """Delete dead letters; returns how many."""
+        return int(self._call({"op": "dead_purge", "queue": queue})["ok"])
+
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call({"op": "status"})["ok"]
         return result

@@ -46,7 +46,8 @@ __all__ = [
     "parse_size",
 ]
 
-STORES = ("memory",)
+STORES = ("memory", "sqlite:///path/app.db")
+SYNC_MODES = ("full", "normal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_RING_SIZE = 4 << 10
 MAX_RING_SIZE = 1 << 30
@@ -122,7 +123,9 @@ class TaskQueueConfig:
 class Settings:
     """The ``[procqueue]`` section; paths are absolute (resolved by the loader)."""
 
-    store: str = "memory"
+    store: str = "memory"  # "memory" or "sqlite://" + absolute path
+    sync: str = "full"  # sqlite: fsync every commit ("full") or only at checkpoints
+    retention: float = 7 * 86400.0  # sqlite: keep succeeded tasks this long
     socket: Path
     socket_mode: int = 0o600
     pythonpath: tuple[Path, ...]
@@ -363,11 +366,21 @@ def _paths_field(table: Mapping[str, Any], where: str, name: str, base: Path) ->
     return tuple(_path(item, f"{key}[{index}]", base) for index, item in enumerate(value))
 
 
-def _store_field(table: Mapping[str, Any], where: str) -> str:
+def _store_field(table: Mapping[str, Any], where: str, base: Path) -> str:
+    """``memory`` or ``sqlite:///relative/path.db`` / ``sqlite:////absolute/path.db``.
+
+    Returned normalised: ``memory`` or ``sqlite://`` + an absolute path.
+    """
     value = table.get("store", "memory")
-    if value in STORES:
-        return str(value)
-    expected = '"memory" (the only store available yet; sqlite:// and redis:// are not built)'
+    if value == "memory":
+        return "memory"
+    if isinstance(value, str) and value.startswith("sqlite:///") and len(value) > 10:
+        path = Path(value[len("sqlite:///") :]).expanduser()
+        return "sqlite://" + str(path if path.is_absolute() else base / path)
+    expected = (
+        '"memory" or "sqlite:///path/app.db" (relative to the config file; '
+        "four slashes for an absolute path)"
+    )
     raise _Invalid(_message(_key(where, "store"), expected, value))
 
 
@@ -396,7 +409,9 @@ def _settings(data: Mapping[str, Any], base: Path) -> Settings:
     table = _table(data.get(where, {}), where, "a table of daemon settings ([procqueue])")
     _check_keys(table, where, _SETTINGS_KEYS)
     return Settings(
-        store=_store_field(table, where),
+        store=_store_field(table, where, base),
+        sync=_choice_field(table, where, "sync", SYNC_MODES, "full"),
+        retention=_duration_field(table, where, "retention", 7 * 86400.0),
         socket=_socket_field(table, where, base),
         socket_mode=_mode_field(table, where, "socket_mode", 0o600),
         pythonpath=_paths_field(table, where, "pythonpath", base),

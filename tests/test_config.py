@@ -491,10 +491,10 @@ def test_config_error_is_a_procqueue_error(tmp_path: Path) -> None:
             id="queues-array-of-tables",
         ),
         pytest.param(
-            f'[procqueue]\nstore = "sqlite:///data/app.db"\n{MINIMAL}',
+            f'[procqueue]\nstore = "sqlite://data/app.db"\n{MINIMAL}',
             "procqueue.store",
-            '"memory" (the only store available yet',
-            id="unsupported-store-sqlite",
+            '"memory" or "sqlite:///path/app.db"',
+            id="sqlite-store-two-slashes",
         ),
         pytest.param(
             f'[procqueue]\nstore = "redis://localhost:6379/0"\n{MINIMAL}',
@@ -593,3 +593,20 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
 def test_config_from_dict_rejects_a_non_table(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected a table, got"):
         config_from_dict([], tmp_path / "x.toml")  # type: ignore[arg-type]
+
+
+def test_sqlite_store_paths_resolve_against_config_dir(tmp_path):
+    relative = config_from_dict(
+        {"procqueue": {"store": "sqlite:///data/app.db"}, "queues": {"q": {}}},
+        tmp_path / "app.toml",
+    )
+    assert relative.settings.store == f"sqlite://{tmp_path}/data/app.db"
+    absolute = config_from_dict(
+        {
+            "procqueue": {"store": "sqlite:////var/lib/pq.db", "sync": "normal", "retention": "1d"},
+            "queues": {"q": {}},
+        },
+        tmp_path / "app.toml",
+    )
+    assert absolute.settings.store == "sqlite:///var/lib/pq.db"
+    assert absolute.settings.sync == "normal" and absolute.settings.retention == 86400

@@ -13,7 +13,12 @@ from ..task import QueueTask
 
 
 class Store(Protocol):
-    def put(self, task: QueueTask) -> None: ...
+    spills: bool  # True: pending tasks beyond buffer_size wait on disk (paged in)
+    seq: int  # the admission seq of the last task added
+
+    def add(self, task: QueueTask) -> int: ...  # a newly admitted task; its admission seq
+
+    def put(self, task: QueueTask) -> None: ...  # a change of a task already added
 
     def get(self, task_id: str) -> QueueTask | None: ...
 
@@ -21,11 +26,23 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
+    def dead(self, queue: str | None = None, limit: int = 1000) -> list[QueueTask]: ...
 
-def open_store(url: str) -> Store:
-    """Open the store a config names (only ``memory`` in this version)."""
-    from .memory import MemoryStore
+    def purge_dead(self, queue: str | None = None) -> int: ...
 
+    def prune(self, before: float, batch: int = 2000) -> int: ...
+
+
+def open_store(url: str, sync: str = "full") -> Store:
+    """Open the store a config names: ``memory`` or ``sqlite:///path`` (absolute here)."""
     if url == "memory":
+        from .memory import MemoryStore
+
         return MemoryStore()
+    if url.startswith("sqlite://"):
+        from pathlib import Path
+
+        from .sqlite import SqliteStore
+
+        return SqliteStore(Path(url.removeprefix("sqlite://")), sync)
     raise ValueError(f"unsupported store {url!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 
-from ..task import QueueTask
+from ..task import QueueTask, QueueTaskStatus
 
 
 class MemoryStore:
@@ -13,6 +13,14 @@ class MemoryStore:
         self.tasks: dict[str, QueueTask] = {}
         self.keep_finished = keep_finished
         self._finished: collections.deque[str] = collections.deque()
+        self.seq = 0
+
+    spills = False  # a full queue pushes back on publish (QueueFull)
+
+    def add(self, task: QueueTask) -> int:
+        self.seq += 1
+        self.put(task)
+        return self.seq
 
     def put(self, task: QueueTask) -> None:
         self.tasks[task.id] = task
@@ -31,3 +39,20 @@ class MemoryStore:
 
     def close(self) -> None:
         self.tasks.clear()
+
+    def dead(self, queue: str | None = None, limit: int = 1000) -> list[QueueTask]:
+        failed = [
+            t
+            for t in self.tasks.values()
+            if t.status is QueueTaskStatus.FAILED and (queue is None or t.queue == queue)
+        ]
+        return failed[:limit]
+
+    def purge_dead(self, queue: str | None = None) -> int:
+        doomed = [t.id for t in self.dead(queue, limit=len(self.tasks))]
+        for task_id in doomed:
+            del self.tasks[task_id]
+        return len(doomed)
+
+    def prune(self, before: float, batch: int = 2000) -> int:
+        return 0  # finished tasks are capped by count (keep_finished) instead

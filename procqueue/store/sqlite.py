@@ -1,0 +1,299 @@
+"""The SQLite store: durable task state on one machine, no server needed.
+
+* WAL mode; ``sync = "full"`` fsyncs every commit (a power cut loses nothing
+  that was acknowledged), ``"normal"`` fsyncs only at checkpoints (a process
+  crash loses nothing, a power cut may lose the last commits).
+* Group commit: ``put`` only remembers the task; ``commit`` writes every
+  change of one supervisor loop turn in a single transaction. The supervisor
+  answers a publish only after that commit.
+* One supervisor per database: an exclusive ``flock`` on ``<db>.lock``.
+* ``seq`` is the admission order, assigned here; the broker pages pending
+  tasks in by ``seq`` so that a backlog lives on disk, not in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import DaemonUnavailable, InternalError
+from ..task import QueueTask, QueueTaskStatus
+
+SCHEMA_VERSION = 1
+UNFINISHED = ("pending", "running", "retrying")
+
+# Migrations, in order: MIGRATIONS[n] brings a database from version n to n + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE tasks (
+        seq          INTEGER PRIMARY KEY,          -- admission order
+        id           TEXT NOT NULL UNIQUE,
+        queue        TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        key          TEXT NOT NULL DEFAULT '',
+        payload      BLOB,
+        headers      TEXT NOT NULL DEFAULT '{}',
+        delay        REAL NOT NULL DEFAULT 0,
+        timeout      REAL NOT NULL DEFAULT 0,
+        max_retry    INTEGER NOT NULL DEFAULT 0,
+        attempt      INTEGER NOT NULL DEFAULT 0,
+        status       TEXT NOT NULL,
+        last_error   TEXT NOT NULL DEFAULT '',
+        created_at   REAL NOT NULL,
+        available_at REAL NOT NULL,
+        result       TEXT,
+        finished_at  REAL
+    );
+    CREATE INDEX tasks_unfinished ON tasks (queue, seq)
+        WHERE status IN ('pending', 'running', 'retrying');
+    CREATE INDEX tasks_finished ON tasks (status, finished_at)
+        WHERE status IN ('succeeded', 'failed');
+    """,
+]
+
+_COLUMNS = (
+    "seq, id, queue, type, key, payload, headers, delay, timeout, max_retry, attempt, "
+    "status, last_error, created_at, available_at, result, finished_at"
+)
+_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
+_UPDATE = (
+    "UPDATE tasks SET attempt = ?, status = ?, last_error = ?, available_at = ?, "
+    "result = ?, finished_at = ? WHERE id = ?"
+)
+
+
+class StoreLocked(DaemonUnavailable):
+    """Another supervisor has the database open."""
+
+
+class SqliteStore:
+    spills = True  # pending tasks beyond buffer_size stay on disk
+
+    def __init__(self, path: Path, sync: str = "full") -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(path)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+        self.db.execute("PRAGMA busy_timeout = 5000")
+        _migrate(self.db, path)
+        self.seq: int = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()[0]
+        self._new: dict[str, tuple[int, QueueTask]] = {}
+        self._changed: dict[str, QueueTask] = {}
+
+    # -- the Store protocol --------------------------------------------------------
+    def put(self, task: QueueTask) -> None:
+        """Record a change of a task already added; written at the next commit."""
+        if task.id not in self._new:  # a new task is inserted with its state at commit
+            self._changed[task.id] = task
+
+    def add(self, task: QueueTask) -> int:
+        """Record a newly admitted task; returns its admission ``seq``."""
+        self.seq += 1
+        self._new[task.id] = (self.seq, task)
+        return self.seq
+
+    def get(self, task_id: str) -> QueueTask | None:
+        if task_id in self._new:
+            return self._new[task_id][1]
+        if task_id in self._changed:
+            return self._changed[task_id]
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return _task(row) if row else None
+
+    def commit(self) -> None:
+        if not self._new and not self._changed:
+            return
+        now = time.time()
+        inserts = [_row(seq, t, now) for seq, t in self._new.values()]
+        updates = [_update_row(t, now) for t in self._changed.values()]
+        try:
+            self.db.execute("BEGIN")
+            if inserts:
+                self.db.executemany(_INSERT, inserts)
+            if updates:
+                self.db.executemany(_UPDATE, updates)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise InternalError(f"store {self.path}: commit failed: {exc}") from exc
+        self._new.clear()
+        self._changed.clear()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.commit()
+        self.db.close()
+        os.close(self._lock_fd)
+
+    # -- paging and recovery ----------------------------------------------------------
+    def page(self, queue: str, after_seq: int, limit: int) -> list[tuple[int, QueueTask]]:
+        """Unfinished tasks of a queue with ``seq > after_seq``, in admission order."""
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM tasks WHERE queue = ? AND seq > ? "
+            "AND status IN ('pending', 'retrying') ORDER BY seq LIMIT ?",
+            (queue, after_seq, limit),
+        ).fetchall()
+        return [(row[0], _task(row)) for row in rows]
+
+    def unfinished_counts(self) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT queue, COUNT(*) FROM tasks WHERE status IN ('pending', 'running', "
+            "'retrying') GROUP BY queue"
+        ).fetchall()
+        return {queue: count for queue, count in rows}
+
+    def running(self) -> list[QueueTask]:
+        """Tasks left ``running`` by a supervisor that died."""
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM tasks WHERE status = 'running' ORDER BY seq"
+        ).fetchall()
+        return [_task(row) for row in rows]
+
+    # -- dead letters and retention --------------------------------------------------
+    def dead(self, queue: str | None = None, limit: int = 1000) -> list[QueueTask]:
+        sql = f"SELECT {_COLUMNS} FROM tasks WHERE status = 'failed'"
+        args: tuple[Any, ...] = ()
+        if queue:
+            sql += " AND queue = ?"
+            args = (queue,)
+        rows = self.db.execute(sql + " ORDER BY finished_at LIMIT ?", (*args, limit)).fetchall()
+        return [_task(row) for row in rows]
+
+    def purge_dead(self, queue: str | None = None) -> int:
+        self.commit()
+        sql = "DELETE FROM tasks WHERE status = 'failed'" + (" AND queue = ?" if queue else "")
+        return self.db.execute(sql, (queue,) if queue else ()).rowcount
+
+    def prune(self, before: float, batch: int = 2000) -> int:
+        """Delete up to ``batch`` succeeded tasks finished before ``before``."""
+        return self.db.execute(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE status = 'succeeded' "
+            "AND finished_at < ? LIMIT ?)",
+            (before, batch),
+        ).rowcount
+
+
+def _lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreLocked(
+            f"store {path} is in use by another procqueue daemon (pid {holder}); "
+            "stop it first or give this config another store"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise InternalError(
+            f"store {path} has schema version {version}, newer than this procqueue "
+            f"({SCHEMA_VERSION}); upgrade procqueue"
+        )
+    for target in range(version, SCHEMA_VERSION):
+        script = MIGRATIONS[target]
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {target + 1}; COMMIT;")
+
+
+def _ts(value: datetime | None) -> float:
+    return value.timestamp() if value else 0.0
+
+
+def _finished_at(task: QueueTask, now: float) -> float | None:
+    return now if task.status is not None and task.status.finished else None
+
+
+def _result(task: QueueTask) -> str | None:
+    return None if task.result is None else orjson.dumps(task.result).decode()
+
+
+def _row(seq: int, t: QueueTask, now: float) -> tuple[Any, ...]:
+    return (
+        seq,
+        t.id,
+        t.queue,
+        t.type,
+        t.key,
+        t.payload,
+        orjson.dumps(t.headers).decode(),
+        t.delay,
+        t.timeout,
+        t.max_retry,
+        t.attempt,
+        str(t.status or "pending"),
+        t.last_error,
+        _ts(t.created_at),
+        _ts(t.available_at),
+        _result(t),
+        _finished_at(t, now),
+    )
+
+
+def _update_row(t: QueueTask, now: float) -> tuple[Any, ...]:
+    return (
+        t.attempt,
+        str(t.status or "pending"),
+        t.last_error,
+        _ts(t.available_at),
+        _result(t),
+        _finished_at(t, now),
+        t.id,
+    )
+
+
+def _task(row: Iterable[Any]) -> QueueTask:
+    (
+        _,
+        tid,
+        queue,
+        ttype,
+        key,
+        payload,
+        headers,
+        delay,
+        timeout,
+        max_retry,
+        attempt,
+        status,
+        last_error,
+        created,
+        available,
+        result,
+        _,
+    ) = row
+    return QueueTask(
+        queue=queue,
+        type=ttype,
+        payload=payload,
+        key=key,
+        headers=orjson.loads(headers),
+        delay=delay,
+        timeout=timeout,
+        max_retry=max_retry,
+        id=tid,
+        attempt=attempt,
+        status=QueueTaskStatus(status),
+        last_error=last_error,
+        created_at=datetime.fromtimestamp(created, UTC),
+        available_at=datetime.fromtimestamp(available, UTC),
+        result=None if result is None else orjson.loads(result),
+    )
