@@ -56,7 +56,7 @@ class Supervisor:
         self._sig_r, self._sig_w = socket.socketpair()
         self.control: ControlServer | None = None
         self.after_commit: list[tuple[Conn, dict[str, Any]]] = []  # replies held for durability
-        self.next_prune = time.monotonic() + 5.0
+        self.next_prune = time.monotonic() + 1.0
 
     # -- lifecycle -----------------------------------------------------------
     def set_state(self, new: SupervisorState) -> None:
@@ -180,7 +180,8 @@ class Supervisor:
         removed = self.store.prune(time.time() - self.config.settings.retention)
         if removed:
             log.info("retention: pruned %d succeeded task(s)", removed)
-        self.next_prune = now + (0.0 if removed >= 2000 else 60.0)
+        interval = min(60.0, max(0.5, self.config.settings.retention / 2))
+        self.next_prune = now + (0.0 if removed >= 2000 else interval)
 
     # -- signals (STYLE.md 2: handlers only record; the loop acts) -------------
     def _install_signals(self) -> None:

@@ -59,7 +59,8 @@ class Daemon:
         return client
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args[:1], str(self.config), *args[1:], timeout=timeout)
+        verb = 2 if args[0] in ("dead", "cron") else 1  # the config follows the (sub)command
+        return run_cli(*args[:verb], str(self.config), *args[verb:], timeout=timeout)
 
     def run_task(self, wait: float = 30, **fields: Any) -> QueueTask:
         client = self.client()
@@ -115,17 +116,18 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 
 def write_config(directory: Path, queues: str = BASE_QUEUES, settings: str = "") -> Path:
     config = directory / "app.toml"
-    config.write_text(
-        textwrap.dedent(f"""
-        [procqueue]
-        store = "memory"
-        socket = "pq.sock"
-        pythonpath = ["{TESTS}"]
-        log_level = "debug"
-        {settings or 'shutdown_timeout = "10s"'}
-        """)
-        + textwrap.dedent(queues)
-    )
+    lines = [
+        "[procqueue]",
+        'socket = "pq.sock"',
+        f'pythonpath = ["{TESTS}"]',
+        'log_level = "debug"',
+        *textwrap.dedent(settings).strip().splitlines(),
+    ]
+    if "store =" not in settings:
+        lines.append('store = "memory"')
+    if "shutdown_timeout" not in settings:
+        lines.append('shutdown_timeout = "10s"')
+    config.write_text("\n".join(lines) + "\n" + textwrap.dedent(queues))
     return config
 
 

@@ -86,3 +86,13 @@ async def async_echo(ctx: Context, task: QueueTask) -> str:
 
     await asyncio.sleep(0.01)
     return "async ok"
+
+
+def record(ctx: Context, task: QueueTask) -> str:
+    """Appends its task id to the file named in the payload: proof it ran."""
+    args = procqueue.unmarshal_payload(task)
+    with open(args["log"], "a") as out:
+        out.write(task.id + "\n")
+    if args.get("sleep"):
+        time.sleep(float(args["sleep"]))
+    return task.id
