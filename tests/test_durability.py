@@ -11,7 +11,6 @@ import orjson
 import psutil
 import pytest
 
-from conftest import BASE_QUEUES
 from procqueue import Client, QueueTask, QueueTaskStatus, marshal_payload
 
 pytestmark = pytest.mark.timeout(120)
@@ -214,5 +213,3 @@ def test_paged_backlog_all_runs_in_order(make_daemon, short_dir):
     client.wait(ids[-1], timeout=60)
     assert log.read_text().split() == ids
 
-
-_ = BASE_QUEUES
