@@ -63,6 +63,7 @@ CTX = multiprocessing.get_context("fork")  # procqueue forks its workers too
 
 NOOP_PQ0 = "procqueue prefetch=0"
 NOOP_PQ8 = "procqueue prefetch=8"
+NOOP_SQLITE = "procqueue sqlite prefetch=8"
 PPE = "ProcessPoolExecutor(2).submit"
 MP_POOL = "multiprocessing.Pool(2).imap_unordered"
 CPU_PQ = "procqueue"
@@ -75,13 +76,15 @@ LAT_PPE = "ProcessPoolExecutor(1).submit().result()"
 # ------------------------------------------------------------------ the daemon
 
 
-def write_config(workdir: Path, name: str, concurrency: int, prefetch: int) -> tuple[Path, Path]:
+def write_config(
+    workdir: Path, name: str, concurrency: int, prefetch: int, store: str = "memory"
+) -> tuple[Path, Path]:
     """A daemon config with one queue ``bench`` running both handlers."""
     socket_path = workdir / f"{name}.sock"
     config = workdir / f"{name}.toml"
     config.write_text(
         f"""[procqueue]
-store = "memory"
+store = {json.dumps(store)}
 socket = {json.dumps(str(socket_path))}
 pythonpath = [{json.dumps(str(ROOT))}]
 shutdown_timeout = "10s"
@@ -153,9 +156,11 @@ def stop_daemon(proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def daemon(workdir: Path, name: str, concurrency: int, prefetch: int) -> Iterator[Path]:
+def daemon(
+    workdir: Path, name: str, concurrency: int, prefetch: int, store: str = "memory"
+) -> Iterator[Path]:
     """Run a daemon for the duration of the block; yields its socket path."""
-    config, socket_path = write_config(workdir, name, concurrency, prefetch)
+    config, socket_path = write_config(workdir, name, concurrency, prefetch, store)
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -344,11 +349,12 @@ def percentile(samples: list[float], pct: int) -> float:
 
 
 def run_noop(sockets: dict[str, Path], n: int, repeat: int) -> dict[str, Any]:
-    for name in ("noop-p0", "noop-p8"):
+    for name in ("noop-p0", "noop-p8", "noop-sqlite"):
         pq_throughput(sockets[name], "noop", min(n, 500), None)  # warm-up
     systems: dict[str, Callable[[], float]] = {
         NOOP_PQ0: lambda: pq_throughput(sockets["noop-p0"], "noop", n, None),
         NOOP_PQ8: lambda: pq_throughput(sockets["noop-p8"], "noop", n, None),
+        NOOP_SQLITE: lambda: pq_throughput(sockets["noop-sqlite"], "noop", n, None),
         PPE: lambda: ppe_throughput(handlers.noop_plain, None, n, WORKERS),
         MP_POOL: lambda: mp_pool_throughput(n, WORKERS),
     }
@@ -356,9 +362,12 @@ def run_noop(sockets: dict[str, Path], n: int, repeat: int) -> dict[str, Any]:
     result = {name: summary(r) for name, r in rates.items()}
     ratios = {
         f"{pq} / {base}": result[pq]["median_tasks_per_s"] / result[base]["median_tasks_per_s"]
-        for pq in (NOOP_PQ0, NOOP_PQ8)
+        for pq in (NOOP_PQ0, NOOP_PQ8, NOOP_SQLITE)
         for base in (PPE, MP_POOL)
     }
+    ratios[f"{NOOP_SQLITE} / {NOOP_PQ8}"] = (
+        result[NOOP_SQLITE]["median_tasks_per_s"] / result[NOOP_PQ8]["median_tasks_per_s"]
+    )
     return {"tasks": n, "workers": WORKERS, "batch": BATCH, "systems": result, "ratios": ratios}
 
 
@@ -543,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
             sockets = {
                 "noop-p0": stack.enter_context(daemon(workdir, "noop-p0", WORKERS, 0)),
                 "noop-p8": stack.enter_context(daemon(workdir, "noop-p8", WORKERS, 8)),
+                "noop-sqlite": stack.enter_context(
+                    daemon(workdir, "noop-sqlite", WORKERS, 8, f"sqlite:///{workdir}/bench.db")
+                ),
                 "cpu": stack.enter_context(daemon(workdir, "cpu", WORKERS, 0)),
                 "latency": stack.enter_context(daemon(workdir, "latency", 1, 0)),
             }
