@@ -17,6 +17,7 @@ import collections
 import heapq
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ class QueueState:
     delayed: list[tuple[float, int, QueueTask]] = field(default_factory=list)  # heap
     running: int = 0
     counters: Counters = field(default_factory=Counters)
+    runs: collections.deque[tuple[float, float]] = field(  # (monotonic end, seconds)
+        default_factory=lambda: collections.deque(maxlen=4096)
+    )
     # Paging (stores that spill): while ``spilling``, new tasks go to disk only and
     # the ready queue refills from the store in admission order after ``cursor``.
     spilling: bool = False
@@ -84,6 +88,7 @@ class Broker:
         on_finish: Callable[[QueueTask], None] | None = None,
     ) -> None:
         self.queues = {name: QueueState(name, cfg) for name, cfg in queues.items()}
+        self.configured = set(self.queues)  # queues that accept tasks (a reload may drop some)
         self.store = store
         self.clock = clock
         self.on_finish = on_finish or (lambda task: None)
@@ -96,12 +101,31 @@ class Broker:
         if not task.type:
             raise InvalidTaskType(f"task for queue {task.queue!r} has no type")
         state = self.queues.get(task.queue)
-        if state is None:
+        if state is None or task.queue not in self.configured:
             raise QueueNotRegistered(
                 f"queue {task.queue!r} is not registered (task type {task.type!r}); "
-                f"known queues: {', '.join(sorted(self.queues)) or 'none'}"
+                f"known queues: {', '.join(sorted(self.configured)) or 'none'}"
             )
         return state
+
+    def reconfigure(self, queues: Mapping[str, TaskQueueConfig]) -> None:
+        """A reload: new settings apply to queued tasks; a dropped queue keeps its
+        tasks (they wait for the queue to come back) but accepts no new ones."""
+        for name, cfg in queues.items():
+            if name in self.queues:
+                self.queues[name].config = cfg
+            else:
+                self.queues[name] = QueueState(name, cfg)
+        for name in set(self.configured) - set(queues):
+            held = self.queues[name].pending
+            if held:
+                log.warning(
+                    "queue %r was removed from the config with %d pending task(s); "
+                    "they wait until it is configured again",
+                    name,
+                    held,
+                )
+        self.configured = set(queues)
 
     def publish(self, tasks: Iterable[QueueTask], force: bool = False) -> list[QueueTask]:
         """Admit tasks in order; raise ``QueueFull`` at the first that does not fit.
@@ -282,21 +306,42 @@ class Broker:
     def get(self, task_id: str) -> QueueTask | None:
         return self.store.get(task_id)
 
+    def record_run(self, queue: str, seconds: float) -> None:
+        """A finished run's duration (for throughput and percentiles in ``stats``)."""
+        state = self.queues.get(queue)
+        if state is not None:
+            state.runs.append((time.monotonic(), seconds))
+
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "concurrency": s.config.concurrency,
-                "pending": s.pending,
-                "ready": len(s.ready),
-                "running": s.running,
-                "retrying": s.retrying(),
-                "published": s.counters.published,
-                "succeeded": s.counters.succeeded,
-                "failed": s.counters.failed,
-                "retried": s.counters.retried,
-            }
-            for name, s in self.queues.items()
-        }
+        return {name: _queue_stats(s) for name, s in self.queues.items()}
+
+
+def _queue_stats(s: QueueState) -> dict[str, Any]:
+    since = time.monotonic() - 60.0
+    last_minute = [d for t, d in s.runs if t >= since]
+    durations = sorted(d for _, d in s.runs)
+    return {
+        "concurrency": s.config.concurrency,
+        "pending": s.pending,
+        "ready": len(s.ready),
+        "delayed": sum(1 for _, _, t in s.delayed if t.status is QueueTaskStatus.PENDING),
+        "on_disk": s.on_disk,
+        "running": s.running,
+        "retrying": s.retrying(),
+        "published": s.counters.published,
+        "succeeded": s.counters.succeeded,
+        "failed": s.counters.failed,
+        "retried": s.counters.retried,
+        "throughput_1m": round(len(last_minute) / 60.0, 3),
+        "run_p50": _percentile(durations, 0.50),
+        "run_p99": _percentile(durations, 0.99),
+    }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return round(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))], 6)
 
 
 def _dt(ts: float) -> datetime:

@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 failure, 2 bad usage or bad config.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="override [procqueue] log_level",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line, for log shippers",
+    )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="development: reload handlers and config when their files change",
     )
     run.set_defaults(func=cmd_run)
 
@@ -110,19 +120,19 @@ def _usage(message: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
     from .supervisor import run
 
     config = load_config(args.config)
-    _setup_logging(args.log_level or config.settings.log_level)
+    setup_logging(args.log_level or config.settings.log_level, args.log_format)
+    if args.reload:
+        from .reload import run_with_reloader
+
+        passed = ["--log-format", args.log_format]
+        if args.log_level:
+            passed += ["--log-level", args.log_level]
+        return int(run_with_reloader(args.config, passed))
     return run(config)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -111,6 +111,8 @@ class TaskQueueConfig:
     prefetch: int = 0
     ring_size: int = 1 << 20
     kill_grace: float = 5.0
+    max_tasks_per_child: int = 0  # replace a worker after this many tasks; 0 = never
+    max_memory_per_child: int = 0  # replace a worker whose RSS exceeds this (bytes); 0 = never
     handlers: Mapping[str, str] = field(default_factory=_frozen_handlers)
 
     def __post_init__(self) -> None:
@@ -131,6 +133,7 @@ class Settings:
     pythonpath: tuple[Path, ...]
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    metrics: str = ""  # "127.0.0.1:9464" serves Prometheus text at /metrics; "" = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,14 +303,21 @@ def _duration_field(table: Mapping[str, Any], where: str, name: str, default: fl
         raise _Invalid(str(exc)) from None
 
 
-def _size_field(table: Mapping[str, Any], where: str, name: str, default: int) -> int:
+def _size_field(
+    table: Mapping[str, Any],
+    where: str,
+    name: str,
+    default: int,
+    bounds: tuple[int, int, str] = (MIN_RING_SIZE, MAX_RING_SIZE, 'a size from "4KiB" to "1GiB"'),
+) -> int:
     key, value = _key(where, name), table.get(name, default)
     try:
         size = parse_size(value, key)
     except ValueError as exc:
         raise _Invalid(str(exc)) from None
-    if not MIN_RING_SIZE <= size <= MAX_RING_SIZE:
-        raise _Invalid(_message(key, 'a size from "4KiB" to "1GiB"', value))
+    low, high, expected = bounds
+    if not low <= size <= high:
+        raise _Invalid(_message(key, expected, value))
     return size
 
 
@@ -417,7 +427,18 @@ def _settings(data: Mapping[str, Any], base: Path) -> Settings:
         pythonpath=_paths_field(table, where, "pythonpath", base),
         shutdown_timeout=_duration_field(table, where, "shutdown_timeout", 30.0),
         log_level=_choice_field(table, where, "log_level", LOG_LEVELS, "info"),
+        metrics=_metrics_field(table, where),
     )
+
+
+def _metrics_field(table: Mapping[str, Any], where: str) -> str:
+    value = table.get("metrics", "")
+    if value == "" or (
+        isinstance(value, str) and re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]*):\d{1,5}", value)
+    ):
+        return str(value)
+    expected = 'an address to serve Prometheus metrics on, e.g. "127.0.0.1:9464" ("" = off)'
+    raise _Invalid(_message(_key(where, "metrics"), expected, value))
 
 
 def _queues(data: Mapping[str, Any]) -> dict[str, TaskQueueConfig]:
@@ -450,6 +471,14 @@ def _queue(name: str, value: object) -> TaskQueueConfig:
         prefetch=_int_field(table, where, "prefetch", 0, 0),
         ring_size=_size_field(table, where, "ring_size", 1 << 20),
         kill_grace=_duration_field(table, where, "kill_grace", 5.0),
+        max_tasks_per_child=_int_field(table, where, "max_tasks_per_child", 0, 0),
+        max_memory_per_child=_size_field(
+            table,
+            where,
+            "max_memory_per_child",
+            0,
+            (0, 1 << 50, 'a size such as "512MiB" (0 = no limit)'),
+        ),
         handlers=_handlers(table.get("handlers", {}), _key(where, "handlers")),
     )
 

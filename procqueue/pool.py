@@ -151,8 +151,40 @@ class WorkerPool:
             return None
         task = handle.inflight.popleft()
         handle.tasks_done += 1
-        self._start_head(handle, time.monotonic())
+        now = time.monotonic()
+        self.broker.record_run(task.queue, now - handle.started_at)
+        self._start_head(handle, now)
+        self._maybe_recycle(handle, now)
         return task
+
+    def _maybe_recycle(self, handle: WorkerHandle, now: float) -> None:
+        """Replace a worker that ran its quota of tasks or grew past its memory limit."""
+        cfg = handle.qconfig
+        if handle.state is WorkerState.RETIRING:
+            return
+        if cfg.max_tasks_per_child and handle.tasks_done >= cfg.max_tasks_per_child:
+            self.retire(handle, f"recycled after {handle.tasks_done} tasks")
+        elif cfg.max_memory_per_child and now - handle.rss_checked_at >= 0.5:
+            handle.rss_checked_at = now
+            rss = _rss(handle.pid) or 0
+            if rss > cfg.max_memory_per_child:
+                self.retire(
+                    handle,
+                    f"recycled: RSS {rss >> 20} MiB above "
+                    f"max_memory_per_child {cfg.max_memory_per_child >> 20} MiB",
+                )
+
+    def retire(self, handle: WorkerHandle, reason: str) -> None:
+        """Stop a worker after the tasks it holds, and start its replacement now."""
+        handle.set_state(WorkerState.RETIRING)
+        handle.retire_reason = reason
+        handle.ep.send(wire.encode(wire.OP_STOP, None))
+        log.info("worker %s (pid %d) retiring: %s", handle.name, handle.pid, reason)
+        slots = self.slots.get(handle.queue, [])
+        slot = next((s for s in slots if s.worker is handle), None)
+        if slot is not None and not self.stopping:
+            slot.worker = None
+            self._spawn(slot)
 
     def _start_head(self, handle: WorkerHandle, now: float) -> None:
         """The task now at the head of a worker's ring starts running now."""
@@ -162,12 +194,12 @@ class WorkerPool:
                 handle.set_state(WorkerState.IDLE)
             return
         handle.started_at = now
-        limit = self._limit(handle.inflight[0])
-        grace = self.config.queues[handle.queue].kill_grace
+        limit = self._limit(handle.inflight[0], handle)
+        grace = handle.qconfig.kill_grace
         handle.deadline = now + limit + grace if limit > 0 else None
 
-    def _limit(self, task: Any) -> float:
-        return float(task.timeout or self.config.queues[task.queue].timeout)
+    def _limit(self, task: Any, handle: WorkerHandle) -> float:
+        return float(task.timeout or handle.qconfig.timeout)
 
     def _on_publish(self, handle: WorkerHandle, body: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"rid": body.get("rid")}
@@ -198,7 +230,7 @@ class WorkerPool:
             task = self.broker.take(state)
             if task is None:
                 return
-            handle.ep.send(wire.encode_task(task, self._limit(task)))
+            handle.ep.send(wire.encode_task(task, self._limit(task, handle)))
             handle.inflight.append(task)
             if len(handle.inflight) == 1:
                 handle.set_state(WorkerState.BUSY)
@@ -300,7 +332,7 @@ class WorkerPool:
 
     def _hard_kill(self, handle: WorkerHandle) -> None:
         task = handle.inflight[0]
-        limit = self._limit(task)
+        limit = self._limit(task, handle)
         handle.killed_for = (
             f"timeout: task ran past its time limit of {limit:g}s and ignored the "
             f"soft timeout; worker {handle.name} (pid {handle.pid}) was killed"
@@ -334,6 +366,7 @@ class WorkerPool:
                             self._on_exit(handle, status)
 
     def resize(self, delta: int) -> None:
+        """SIGTTIN / SIGTTOU: one worker more or fewer for every queue (at least one)."""
         for name, slots in self.slots.items():
             if delta > 0:
                 slot = Slot(name, len(slots))
@@ -342,9 +375,20 @@ class WorkerPool:
             elif len(slots) > 1:
                 slot = slots.pop()
                 if slot.worker is not None:
-                    slot.worker.set_state(WorkerState.RETIRING)
-                    slot.worker.ep.send(wire.encode(wire.OP_STOP, None))
+                    self.retire(slot.worker, "fewer workers (SIGTTOU)")
             log.info("queue %s: %d worker(s)", name, len(slots))
+
+    def reconfigure(self, config: Config) -> None:
+        """Reload: every worker retires after what it holds; new ones import fresh code."""
+        self.config = config
+        old = [s.worker for slots in self.slots.values() for s in slots if s.worker]
+        self.slots = {
+            name: [Slot(name, i) for i in range(cfg.concurrency)]
+            for name, cfg in config.queues.items()
+        }
+        for handle in old:
+            self.retire(handle, "reload")
+        self.start_all()
 
     # -- looking -----------------------------------------------------------------------
     def alive(self) -> int:

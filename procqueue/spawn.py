@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import Config
+from .config import Config, TaskQueueConfig
 from .ring import Channel, Endpoint
 from .task import QueueTask
 
@@ -55,6 +55,9 @@ class WorkerHandle:
     tasks_done: int = 0
     killed_for: str = ""  # why the supervisor killed it (hard time limit ...)
     boot_error: str = ""
+    retire_reason: str = ""  # why it was told to stop (reload, recycled ...)
+    rss_checked_at: float = 0.0
+    qconfig: TaskQueueConfig = field(default_factory=TaskQueueConfig)
 
     @property
     def name(self) -> str:
@@ -102,4 +105,4 @@ def fork_worker(
                 os._exit(code)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    return WorkerHandle(queue, index, pid, channel.parent())
+    return WorkerHandle(queue, index, pid, channel.parent(), qconfig=config.queues[queue])

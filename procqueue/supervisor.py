@@ -3,14 +3,14 @@
 It never imports user code. Each turn of the loop (``step``) sleeps in one
 ``select`` on the signal fd, the control socket and every worker's doorbell,
 with the timeout set to the next timer; then it reads worker outcomes, fires
-timers, hands ready tasks to workers with room and flushes the rings.
+timers, hands ready tasks to workers with room, flushes the rings, commits
+the store and only then sends the replies that report what was committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import heapq
-import itertools
 import logging
 import os
 import selectors
@@ -21,42 +21,54 @@ from typing import Any
 
 import setproctitle
 
+from .api import Requests
 from .broker import Broker
-from .config import Config
-from .control import DEFERRED, Conn, ControlServer, error_reply
-from .errors import InvalidQueueTask, ProtocolError, QueueFull, TaskNotFound
+from .config import Config, load_config
+from .control import ControlServer
+from .errors import ConfigError
 from .pool import WorkerPool
 from .store import open_store
-from .task import QueueTask, QueueTaskStatus
+from .systemd import Notifier
 
 log = logging.getLogger("procqueue.supervisor")
+
+HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGCHLD,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+STATUS_EVERY = 10.0  # seconds between systemd STATUS= updates
 
 
 class SupervisorState(enum.StrEnum):
     BOOTING = "booting"
     RUNNING = "running"
+    RELOADING = "reloading"
     DRAINING = "draining"  # graceful stop: no new work, running tasks finish
     STOPPED = "stopped"
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.state = SupervisorState.BOOTING
         self.selector = selectors.DefaultSelector()
         self.store = open_store(config.settings.store, config.settings.sync)
         self.broker = Broker(config.queues, self.store, time.time, self._on_finish)
+        self.requests = Requests(self.broker, self.store, self.status)
         self.pool = WorkerPool(config, self.broker, self.selector, self._close_in_child)
-        self.pool.publish_hook = self._publish_from_worker
-        self.waiters: dict[str, list[Conn]] = {}
-        self.wait_timers: list[tuple[float, int, str, Conn]] = []  # (monotonic, seq, id, conn)
-        self._seq = itertools.count()
+        self.pool.publish_hook = self.requests.publish_from_worker
+        self.notifier = notifier or Notifier.from_env()
         self.stop_deadline: float | None = None
         self.sigint_count = 0
         self._sig_r, self._sig_w = socket.socketpair()
         self.control: ControlServer | None = None
-        self.after_commit: list[tuple[Conn, dict[str, Any]]] = []  # replies held for durability
         self.next_prune = time.monotonic() + 1.0
+        self.next_status = 0.0
 
     # -- lifecycle -----------------------------------------------------------
     def set_state(self, new: SupervisorState) -> None:
@@ -77,7 +89,7 @@ class Supervisor:
         self._install_signals()
         settings = self.config.settings
         self.control = ControlServer(
-            settings.socket, settings.socket_mode, self.selector, self.handle_request
+            settings.socket, settings.socket_mode, self.selector, self.requests.handle
         )
         if self.store.spills:
             self.broker.recover()
@@ -90,6 +102,7 @@ class Supervisor:
             settings.socket,
             len(self.config.queues),
         )
+        self.notifier.ready(self.summary())
 
     def cleanup(self) -> None:
         self.pool.kill_all()
@@ -97,6 +110,7 @@ class Supervisor:
             self.control.close()
         signal.set_wakeup_fd(-1)
         self.store.close()
+        self.notifier.close()
         log.info("procqueue %d stopped", os.getpid())
 
     def _close_in_child(self) -> None:
@@ -108,6 +122,7 @@ class Supervisor:
             for sock in self.control.fds():
                 sock.close()
         self.pool.close_in_child()
+        self.notifier.close()
         self.selector.close()
 
     # -- the loop ------------------------------------------------------------
@@ -137,18 +152,19 @@ class Supervisor:
         self.store.commit()
         if self.store.spills:
             self.broker.page_in()
-        if self.after_commit:
-            replies, self.after_commit = self.after_commit, []
-            for conn, reply in replies:
-                conn.reply(reply)
+        self.requests.send_held_replies()
 
     def _timeout(self) -> float | None:
-        now = time.monotonic()
-        if self.after_commit:
+        if self.requests.after_commit:
             return 0.0
-        deadlines = [self.pool.next_deadline(), self.stop_deadline, self.next_prune]
-        if self.wait_timers:
-            deadlines.append(self.wait_timers[0][0])
+        now = time.monotonic()
+        deadlines = [
+            self.pool.next_deadline(),
+            self.stop_deadline,
+            self.next_prune,
+            self.requests.next_timer(),
+            self.notifier.next_watchdog(now),
+        ]
         due = self.broker.next_due() if self.state is SupervisorState.RUNNING else None
         if due is not None:
             deadlines.append(now + (due - time.time()))
@@ -162,11 +178,12 @@ class Supervisor:
         if now >= self.next_prune:
             self._prune(now)
         self.pool.check_deadlines(now)
-        while self.wait_timers and self.wait_timers[0][0] <= now:
-            _, _, task_id, conn = heapq.heappop(self.wait_timers)
-            if conn in self.waiters.get(task_id, ()):
-                self.waiters[task_id].remove(conn)
-                conn.reply({"ok": self._task_dict(task_id)})
+        self.requests.expire_waits(now)
+        if self.notifier.watchdog_due(now):
+            self.notifier.watchdog(now)  # sent by the loop itself: a stuck loop stops it
+        if now >= self.next_status and self.notifier.enabled:
+            self.next_status = now + STATUS_EVERY
+            self.notifier.status(self.summary())
         if self.stop_deadline is not None and now >= self.stop_deadline:
             log.warning(
                 "shutdown_timeout passed: killing %d worker(s) still busy", self.pool.alive()
@@ -183,20 +200,15 @@ class Supervisor:
         interval = min(60.0, max(0.5, self.config.settings.retention / 2))
         self.next_prune = now + (0.0 if removed >= 2000 else interval)
 
+    def _on_finish(self, task: Any) -> None:
+        self.requests.on_finish(task)
+
     # -- signals (STYLE.md 2: handlers only record; the loop acts) -------------
     def _install_signals(self) -> None:
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
         signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
-        for sig in (
-            signal.SIGTERM,
-            signal.SIGINT,
-            signal.SIGHUP,
-            signal.SIGQUIT,
-            signal.SIGCHLD,
-            signal.SIGTTIN,
-            signal.SIGTTOU,
-        ):
+        for sig in HANDLED_SIGNALS:
             signal.signal(sig, _record_only)
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._on_signals)
 
@@ -213,25 +225,22 @@ class Supervisor:
             self.pool.reap()
         elif sig in (signal.SIGTERM, signal.SIGINT):
             self.sigint_count += sig == signal.SIGINT
-            if self.sigint_count >= 2:
-                self.stop(graceful=False)
-            else:
-                self.stop(graceful=True)
+            self.stop(graceful=self.sigint_count < 2)
         elif sig == signal.SIGQUIT:
             self.stop(graceful=False)
+        elif self.state is not SupervisorState.RUNNING:
+            log.info("%s ignored while %s", sig.name, self.state)
         elif sig == signal.SIGHUP:
-            log.warning("SIGHUP: configuration reload is not available in this version")
-        elif sig == signal.SIGTTIN:
-            self.pool.resize(+1)
-        elif sig == signal.SIGTTOU:
-            self.pool.resize(-1)
+            self.reload()
+        elif sig in (signal.SIGTTIN, signal.SIGTTOU):
+            self.pool.resize(+1 if sig == signal.SIGTTIN else -1)
 
     def stop(self, graceful: bool) -> None:
         if self.state is SupervisorState.DRAINING and graceful:
             return
-        log.info(
-            "%s stop: %d task(s) running", "graceful" if graceful else "fast", self.pool.running()
-        )
+        kind = "graceful" if graceful else "fast"
+        log.info("%s stop: %d task(s) running", kind, self.pool.running())
+        self.notifier.stopping(f"{kind} stop")
         self.set_state(SupervisorState.DRAINING)
         self.pool.stopping = True
         if graceful:
@@ -243,91 +252,44 @@ class Supervisor:
         if left and self.config.settings.store == "memory":
             log.warning("%d pending task(s) are dropped: the memory store keeps nothing", left)
 
-    # -- control requests --------------------------------------------------
-    def handle_request(self, conn: Conn, req: dict[str, Any]) -> Any:
-        op = req["op"]
-        if op == "publish":
-            return self._publish(conn, req)
-        if op == "get_task":
-            return {"ok": self._task_dict(str(req.get("id", "")), must_exist=True)}
-        if op == "wait":
-            return self._wait(conn, req)
-        if op == "status":
-            return {"ok": self.status()}
-        if op == "ping":
-            return {"ok": {"pid": os.getpid(), "state": self.state.value}}
-        if op.startswith("dead_"):
-            return self._dead_letters(op, req)
-        raise ProtocolError(
-            f"unknown op {op!r}; expected publish, get_task, wait, status, ping, "
-            "dead_list, dead_requeue or dead_purge"
-        )
-
-    def _dead_letters(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
-        queue = req.get("queue") or None
-        self.store.commit()
-        if op == "dead_list":
-            limit = int(req.get("limit") or 1000)
-            return {"ok": [t.to_dict() for t in self.store.dead(queue, limit)]}
-        if op == "dead_purge":
-            return {"ok": self.store.purge_dead(queue)}
-        if op == "dead_requeue":
-            if req.get("all"):
-                tasks = self.store.dead(queue, limit=1_000_000)
-            else:
-                tasks = [self._task(str(req.get("id", "")))]
-            for task in tasks:
-                if task.status is not QueueTaskStatus.FAILED:
-                    raise InvalidQueueTask(f"task {task.id} is {task.status}, not a dead letter")
-            return {"ok": [self.broker.requeue(t).to_dict() for t in tasks]}
-        raise ProtocolError(f"unknown op {op!r}")
-
-    def _publish(self, conn: Conn, req: dict[str, Any]) -> Any:
-        """Admit tasks; the reply waits for this turn's commit (durable once answered)."""
-        raw = req.get("tasks")
-        if not isinstance(raw, list):
-            raise InvalidQueueTask('publish needs "tasks": a list of task objects')
-        tasks = [QueueTask.from_dict(t) for t in raw]
+    # -- reload (STYLE.md 9: parse -> validate -> swap) ---------------------------
+    def reload(self) -> None:
         try:
-            reply = {"ok": [t.to_dict() for t in self.broker.publish(tasks)]}
-        except QueueFull as exc:
-            done = getattr(exc, "accepted", [])
-            reply = error_reply(exc, accepted=[t.to_dict() for t in done])
-        self.after_commit.append((conn, reply))
-        return DEFERRED
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload rejected, the running config stays: %s", exc)
+            return
+        self.notifier.reloading(f"reloading {self.config.path}")
+        self.set_state(SupervisorState.RELOADING)
+        new = self._keep_fixed_settings(new)
+        self.config = new
+        self.broker.reconfigure(new.queues)
+        self.pool.reconfigure(new)
+        self.set_state(SupervisorState.RUNNING)
+        log.info(
+            "reloaded %s: %d queue(s), new workers start with fresh code", new.path, len(new.queues)
+        )
+        self.notifier.ready(self.summary())
 
-    def _publish_from_worker(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        stored = self.broker.publish([QueueTask.from_dict(t) for t in tasks], force=True)
-        return [t.to_dict() for t in stored]
+    def _keep_fixed_settings(self, new: Config) -> Config:
+        """Settings bound at start (store, socket) need a restart to change."""
+        old = self.config.settings
+        fixed = {
+            "store": old.store,
+            "socket": old.socket,
+            "socket_mode": old.socket_mode,
+            "sync": old.sync,
+            "metrics": old.metrics,
+        }
+        changed = [k for k, v in fixed.items() if getattr(new.settings, k) != v]
+        if changed:
+            log.warning(
+                "reload: %s changed; that takes a restart, keeping the running value",
+                ", ".join(changed),
+            )
+        return dataclasses.replace(new, settings=dataclasses.replace(new.settings, **fixed))
 
-    def _wait(self, conn: Conn, req: dict[str, Any]) -> Any:
-        task_id = str(req.get("id", ""))
-        task = self._task(task_id)
-        timeout = req.get("timeout")
-        if (task.status is not None and task.status.finished) or timeout == 0:
-            return {"ok": task.to_dict()}
-        self.waiters.setdefault(task_id, []).append(conn)
-        if isinstance(timeout, int | float) and timeout > 0:
-            entry = (time.monotonic() + timeout, next(self._seq), task_id, conn)
-            heapq.heappush(self.wait_timers, entry)
-        return DEFERRED
-
-    def _on_finish(self, task: QueueTask) -> None:
-        conns = self.waiters.pop(task.id, None)
-        if conns:
-            reply = {"ok": task.to_dict()}
-            for conn in conns:
-                conn.reply(reply)
-
-    def _task(self, task_id: str) -> QueueTask:
-        task = self.broker.get(task_id)
-        if task is None:
-            raise TaskNotFound(f"task {task_id!r} not found")
-        return task
-
-    def _task_dict(self, task_id: str, must_exist: bool = True) -> dict[str, Any]:
-        return self._task(task_id).to_dict()
-
+    # -- looking -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         queues = self.broker.stats()
         for name, info in queues.items():
@@ -340,12 +302,20 @@ class Supervisor:
             "queues": queues,
         }
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        stats = self.broker.stats().values()
+        return (
+            f"{len(self.config.queues)} queue(s), {self.pool.alive()} worker(s), "
+            f"{sum(s['pending'] for s in stats)} pending, "
+            f"{sum(s['running'] for s in stats)} running"
+        )
+
 
 def _record_only(signum: int, frame: Any) -> None:
     """Signal handler: the wakeup fd already carries the number; do nothing here."""
 
 
 def run(config: Config) -> int:
-    sup = Supervisor(config)
-    sup.serve_forever()
+    Supervisor(config).serve_forever()
     return 0

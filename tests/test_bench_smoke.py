@@ -28,6 +28,7 @@ def test_benchmark_quick_run_reports_every_system(tmp_path: Path) -> None:
         "noop": {
             "procqueue prefetch=0",
             "procqueue prefetch=8",
+            "procqueue sqlite prefetch=8",
             "ProcessPoolExecutor(2).submit",
             "multiprocessing.Pool(2).imap_unordered",
         },

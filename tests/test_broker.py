@@ -435,6 +435,11 @@ def test_stats_counters() -> None:
         "succeeded": 0,
         "failed": 0,
         "retried": 0,
+        "delayed": 0,
+        "on_disk": 0,
+        "throughput_1m": 0.0,
+        "run_p50": None,
+        "run_p99": None,
     }
     ok, flaky, dead = (rig.publish_one(key=k) for k in ("ok", "flaky", "dead"))
     rig.publish_one(key="later", delay=60)
@@ -444,7 +449,12 @@ def test_stats_counters() -> None:
     rig.broker.succeed(ok)
     rig.broker.fail(flaky, "x")
     rig.broker.fail(dead, "x", retry=False)
+    rig.broker.record_run("default", 0.5)
+    rig.broker.record_run("default", 0.1)
     stats = rig.broker.stats()["default"]
+    assert stats.pop("throughput_1m") == pytest.approx(2 / 60, abs=1e-3)
+    assert (stats.pop("run_p50"), stats.pop("run_p99")) == (0.5, 0.5)
+    assert (stats.pop("delayed"), stats.pop("on_disk")) == (1, 0)
     assert stats == {
         "concurrency": 3,
         "pending": 3,  # queued (ready) + later (delayed) + flaky (retrying)

@@ -1,0 +1,144 @@
+"""Control-socket requests, served inside the supervisor's loop.
+
+Every reply that reports a state change (publish, a finished task for
+``wait``) is held until the end of the loop turn, after the store's commit:
+what a client has been told survives a crash of the supervisor.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .broker import Broker
+from .control import DEFERRED, Conn, error_reply
+from .errors import InvalidQueueTask, ProtocolError, QueueFull, TaskNotFound
+from .store import Store
+from .task import QueueTask, QueueTaskStatus
+
+Reply = dict[str, Any]
+
+
+class Requests:
+    def __init__(self, broker: Broker, store: Store, status: Callable[[], dict[str, Any]]) -> None:
+        self.broker, self.store, self._status = broker, store, status
+        self.after_commit: list[tuple[Conn, Reply]] = []
+        self.waiters: dict[str, list[Conn]] = {}
+        self.wait_timers: list[tuple[float, int, str, Conn]] = []  # (monotonic, seq, id, conn)
+        self._seq = itertools.count()
+        self.extra: dict[str, Callable[[dict[str, Any]], Any]] = {}  # more ops (cron ...)
+
+    def handle(self, conn: Conn, req: dict[str, Any]) -> Any:
+        op = req["op"]
+        if op == "publish":
+            return self._publish(conn, req)
+        if op == "get_task":
+            return {"ok": self.task(str(req.get("id", ""))).to_dict()}
+        if op == "wait":
+            return self._wait(conn, req)
+        if op == "status":
+            return {"ok": self._status()}
+        if op == "ping":
+            return {"ok": {"pid": os.getpid(), "state": self._status()["state"]}}
+        if op in ("dead_list", "dead_requeue", "dead_purge"):
+            return {"ok": self._dead_letters(op, req)}
+        if op in self.extra:
+            return {"ok": self.extra[op](req)}
+        known = [
+            "publish",
+            "get_task",
+            "wait",
+            "status",
+            "ping",
+            "dead_list",
+            "dead_requeue",
+            "dead_purge",
+            *self.extra,
+        ]
+        raise ProtocolError(f"unknown op {op!r}; expected one of: {', '.join(known)}")
+
+    # -- publish -----------------------------------------------------------------
+    def _publish(self, conn: Conn, req: dict[str, Any]) -> Any:
+        raw = req.get("tasks")
+        if not isinstance(raw, list):
+            raise InvalidQueueTask('publish needs "tasks": a list of task objects')
+        tasks = [QueueTask.from_dict(t) for t in raw]
+        try:
+            reply: Reply = {"ok": [t.to_dict() for t in self.broker.publish(tasks)]}
+        except QueueFull as exc:
+            done = getattr(exc, "accepted", [])
+            reply = error_reply(exc, accepted=[t.to_dict() for t in done])
+        self.after_commit.append((conn, reply))
+        return DEFERRED
+
+    def publish_from_worker(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``ctx.publish`` in a handler: never pushed back, or a full queue could
+        deadlock the very workers that drain it."""
+        stored = self.broker.publish([QueueTask.from_dict(t) for t in tasks], force=True)
+        return [t.to_dict() for t in stored]
+
+    # -- tasks and waiting -------------------------------------------------------
+    def task(self, task_id: str) -> QueueTask:
+        task = self.broker.get(task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id!r} not found")
+        return task
+
+    def _wait(self, conn: Conn, req: dict[str, Any]) -> Any:
+        task_id = str(req.get("id", ""))
+        task = self.task(task_id)
+        timeout = req.get("timeout")
+        if (task.status is not None and task.status.finished) or timeout == 0:
+            return {"ok": task.to_dict()}
+        self.waiters.setdefault(task_id, []).append(conn)
+        if isinstance(timeout, int | float) and timeout > 0:
+            entry = (time.monotonic() + timeout, next(self._seq), task_id, conn)
+            heapq.heappush(self.wait_timers, entry)
+        return DEFERRED
+
+    def on_finish(self, task: QueueTask) -> None:
+        conns = self.waiters.pop(task.id, None)
+        if conns:
+            reply = {"ok": task.to_dict()}
+            self.after_commit.extend((conn, reply) for conn in conns)
+
+    def next_timer(self) -> float | None:
+        return self.wait_timers[0][0] if self.wait_timers else None
+
+    def expire_waits(self, now: float) -> None:
+        """``wait`` with a timeout that ran out: answer with the task as it is."""
+        while self.wait_timers and self.wait_timers[0][0] <= now:
+            _, _, task_id, conn = heapq.heappop(self.wait_timers)
+            if conn in self.waiters.get(task_id, ()):
+                self.waiters[task_id].remove(conn)
+                conn.reply({"ok": self.task(task_id).to_dict()})
+
+    def send_held_replies(self) -> None:
+        """After the store's commit: what the held replies report is now durable."""
+        if self.after_commit:
+            replies, self.after_commit = self.after_commit, []
+            for conn, reply in replies:
+                conn.reply(reply)
+
+    # -- dead letters ----------------------------------------------------------------
+    def _dead_letters(self, op: str, req: dict[str, Any]) -> Any:
+        queue = req.get("queue") or None
+        self.store.commit()
+        if op == "dead_list":
+            limit = int(req.get("limit") or 1000)
+            return [t.to_dict() for t in self.store.dead(queue, limit)]
+        if op == "dead_purge":
+            return self.store.purge_dead(queue)
+        tasks = (
+            self.store.dead(queue, limit=1_000_000)
+            if req.get("all")
+            else [self.task(str(req.get("id", "")))]
+        )
+        for task in tasks:
+            if task.status is not QueueTaskStatus.FAILED:
+                raise InvalidQueueTask(f"task {task.id} is {task.status}, not a dead letter")
+        return [self.broker.requeue(t).to_dict() for t in tasks]
