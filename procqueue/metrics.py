@@ -350,6 +350,8 @@ def _response(
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"`` or ``":port"`` -> (host, port); ValueError says why not."""
     host, sep, port = address.rpartition(":")
+    if "/" in address:
+        raise _bad(address, "give HOST:PORT alone, without a scheme or a path")
     if not sep:
         raise _bad(address, "expected HOST:PORT, e.g. 127.0.0.1:9464, [::1]:9464 or :9464")
     return _parse_host(address, host), _parse_port(address, port)

@@ -58,6 +58,7 @@ class WorkerPool:
             for name, cfg in config.queues.items()
         }
         self.by_pid: dict[int, WorkerHandle] = {}
+        self._procs: dict[int, psutil.Process] = {}  # for CPU% between two status calls
         self.stopping = False
         self.publish_hook: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
@@ -246,6 +247,7 @@ class WorkerPool:
             if pid == 0:
                 return
             handle = self.by_pid.pop(pid, None)
+            self._procs.pop(pid, None)
             if handle is not None:
                 self._on_exit(handle, status)
 
@@ -398,35 +400,52 @@ class WorkerPool:
         return sum(1 for h in self.by_pid.values() if h.inflight)
 
     def describe(self, queue: str) -> list[dict[str, Any]]:
+        """Every worker position of a queue, plus workers still retiring."""
         out: list[dict[str, Any]] = []
-        now = time.monotonic()
-        for slot in self.slots.get(queue, []):
-            handle = slot.worker
-            if handle is None:
+        slots = self.slots.get(queue, [])
+        for slot in slots:
+            if slot.worker is None:
+                state = "crashing" if slot.failures else "dead"
                 out.append(
                     {
                         "name": f"{queue}#{slot.index}",
                         "pid": None,
-                        "state": "crashing" if slot.failures else "dead",
+                        "state": state,
                         "error": slot.last_error,
                         "task_id": None,
                         "rss": None,
                     }
                 )
-                continue
-            head = handle.inflight[0] if handle.inflight else None
-            out.append(
-                {
-                    "name": handle.name,
-                    "pid": handle.pid,
-                    "state": handle.state.value,
-                    "task_id": head.id if head else None,
-                    "running_for": round(now - handle.started_at, 3) if head else None,
-                    "tasks_done": handle.tasks_done,
-                    "rss": _rss(handle.pid),
-                }
-            )
+            else:
+                out.append(self._describe_worker(slot.worker))
+        current = {s.worker for s in slots}
+        out += [
+            self._describe_worker(h)
+            for h in self.by_pid.values()
+            if h.queue == queue and h not in current
+        ]
         return out
+
+    def _describe_worker(self, handle: WorkerHandle) -> dict[str, Any]:
+        head = handle.inflight[0] if handle.inflight else None
+        proc = self._procs.get(handle.pid)
+        if proc is None:
+            proc = self._procs[handle.pid] = psutil.Process(handle.pid)
+        try:
+            rss, cpu = int(proc.memory_info().rss), proc.cpu_percent(None)
+        except psutil.Error:
+            rss, cpu = None, None
+        return {
+            "name": handle.name,
+            "pid": handle.pid,
+            "state": handle.state.value,
+            "task_id": head.id if head else None,
+            "running_for": round(time.monotonic() - handle.started_at, 3) if head else None,
+            "tasks_done": handle.tasks_done,
+            "rss": rss,
+            "cpu_percent": cpu,
+            "retire_reason": handle.retire_reason or None,
+        }
 
 
 def _pick(workers: list[WorkerHandle], prefetch: int) -> WorkerHandle | None:

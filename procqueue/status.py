@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-_QUEUE_COLUMNS = ("queue", "workers", "pending", "running", "retrying", "succeeded", "failed")
-_WORKER_COLUMNS = ("worker", "pid", "state", "task", "for", "done", "rss")
+_QUEUE_COLUMNS = (
+    "queue",
+    "workers",
+    "pending",
+    "delayed",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "tasks/s",
+    "p50",
+    "p99",
+)
+_WORKER_COLUMNS = ("worker", "pid", "state", "task", "for", "done", "rss", "cpu")
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -15,10 +27,7 @@ def render_status(status: dict[str, Any]) -> str:
         "",
     ]
     queues = status["queues"]
-    rows = [
-        [name, str(q["concurrency"]), *(str(q[c]) for c in _QUEUE_COLUMNS[2:])]
-        for name, q in queues.items()
-    ]
+    rows = [_queue_row(name, q) for name, q in queues.items()]
     lines += _table(_QUEUE_COLUMNS, rows)
     workers = [w for q in queues.values() for w in q["workers"]]
     lines += ["", *_table(_WORKER_COLUMNS, [_worker_row(w) for w in workers])]
@@ -26,6 +35,26 @@ def render_status(status: dict[str, Any]) -> str:
     if errors:
         lines += ["", "errors:", *errors]
     return "\n".join(lines)
+
+
+def _queue_row(name: str, q: dict[str, Any]) -> list[str]:
+    counts = [
+        str(q[c]) for c in ("pending", "delayed", "running", "retrying", "succeeded", "failed")
+    ]
+    return [
+        name,
+        str(q["concurrency"]),
+        *counts,
+        f"{q['throughput_1m']:.1f}",
+        _secs(q["run_p50"]),
+        _secs(q["run_p99"]),
+    ]
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
 
 
 def _worker_row(w: dict[str, Any]) -> list[str]:
@@ -38,6 +67,7 @@ def _worker_row(w: dict[str, Any]) -> list[str]:
         f"{running:.1f}s" if running is not None else "-",
         str(w.get("tasks_done", "-")),
         _mib(w.get("rss")),
+        "-" if w.get("cpu_percent") is None else f"{w['cpu_percent']:.0f}%",
     ]
 
 

@@ -119,10 +119,11 @@ def write_config(directory: Path, queues: str = BASE_QUEUES, settings: str = "")
     lines = [
         "[procqueue]",
         'socket = "pq.sock"',
-        f'pythonpath = ["{TESTS}"]',
         'log_level = "debug"',
         *textwrap.dedent(settings).strip().splitlines(),
     ]
+    if "pythonpath" not in settings:
+        lines.append(f'pythonpath = ["{TESTS}"]')
     if "store =" not in settings:
         lines.append('store = "memory"')
     if "shutdown_timeout" not in settings:
@@ -131,14 +132,17 @@ def write_config(directory: Path, queues: str = BASE_QUEUES, settings: str = "")
     return config
 
 
-def start_daemon(config: Path) -> Daemon:
+def start_daemon(
+    config: Path, env: dict[str, str] | None = None, extra: list[str] | None = None
+) -> Daemon:
     log = config.parent / "daemon.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "procqueue.cli", "run", str(config)],
+            [sys.executable, "-m", "procqueue.cli", "run", str(config), *(extra or [])],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     return Daemon(proc, config, config.parent / "pq.sock", log)
 

@@ -96,3 +96,13 @@ def record(ctx: Context, task: QueueTask) -> str:
     if args.get("sleep"):
         time.sleep(float(args["sleep"]))
     return task.id
+
+
+_hoard: list[bytes] = []
+
+
+def hog(ctx: Context, task: QueueTask) -> int:
+    """Allocates and keeps memory, as a leaky handler would."""
+    mib = int((procqueue.unmarshal_payload(task) or {}).get("mib", 100))
+    _hoard.append(b"x" * (mib << 20))
+    return os.getpid()

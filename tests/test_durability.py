@@ -212,4 +212,3 @@ def test_paged_backlog_all_runs_in_order(make_daemon, short_dir):
     ]
     client.wait(ids[-1], timeout=60)
     assert log.read_text().split() == ids
-
