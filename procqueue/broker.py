@@ -89,6 +89,7 @@ class Broker:
     ) -> None:
         self.queues = {name: QueueState(name, cfg) for name, cfg in queues.items()}
         self.configured = set(self.queues)  # queues that accept tasks (a reload may drop some)
+        self.metrics: Any = None  # a procqueue.metrics.Metrics when [procqueue] metrics is set
         self.store = store
         self.clock = clock
         self.on_finish = on_finish or (lambda task: None)
@@ -161,6 +162,8 @@ class Broker:
             available_at=_dt(now + task.delay),
         )
         state.counters.published += 1
+        if self.metrics is not None:
+            self.metrics.published(state.name)
         if not state.spilling and state.held >= state.config.buffer_size and not force:
             state.spilling, state.cursor = True, self.store.seq  # later tasks wait on disk
         self.store.add(stored)
@@ -269,23 +272,32 @@ class Broker:
         state.ready.appendleft(task)
         self.store.put(task)
 
-    def succeed(self, task: QueueTask, result: Any = None) -> None:
+    def succeed(self, task: QueueTask, result: Any = None, seconds: float | None = None) -> None:
+        """A run succeeded; ``seconds`` is its run time when known (for metrics)."""
         state = self.queues[task.queue]
         state.running -= 1
         state.counters.succeeded += 1
         task.status = QueueTaskStatus.SUCCEEDED
         task.result = result
         self.store.put(task)
+        if self.metrics is not None:
+            self.metrics.finished(task.queue, "succeeded", seconds)
         self.on_finish(task)
 
-    def fail(self, task: QueueTask, error: str, retry: bool = True) -> QueueTaskStatus:
+    def fail(
+        self, task: QueueTask, error: str, retry: bool = True, seconds: float | None = None
+    ) -> QueueTaskStatus:
         """Apply a failed attempt: retry after ``retry_delay`` or dead-letter it."""
         state = self.queues[task.queue]
         state.running -= 1
         limit = task.max_retry if task.max_retry > 0 else state.config.max_retry
         if not retry or task.attempt >= limit:
             self._dead(task, state, error)
+            if self.metrics is not None:
+                self.metrics.finished(task.queue, "failed", seconds)
             return QueueTaskStatus.FAILED
+        if self.metrics is not None:
+            self.metrics.retried(task.queue)
         now = self.clock()
         task.attempt += 1
         task.last_error = error

@@ -432,11 +432,17 @@ def _settings(data: Mapping[str, Any], base: Path) -> Settings:
 
 
 def _metrics_field(table: Mapping[str, Any], where: str) -> str:
+    from .metrics import parse_address
+
     value = table.get("metrics", "")
-    if value == "" or (
-        isinstance(value, str) and re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]*):\d{1,5}", value)
-    ):
-        return str(value)
+    if value == "":
+        return ""
+    try:
+        if isinstance(value, str):
+            parse_address(value)
+            return value
+    except ValueError:
+        pass
     expected = 'an address to serve Prometheus metrics on, e.g. "127.0.0.1:9464" ("" = off)'
     raise _Invalid(_message(_key(where, "metrics"), expected, value))
 

@@ -121,14 +121,14 @@ class WorkerPool:
         op = frame[0]
         if op == wire.OP_DONE:
             task_id, result = wire.decode(frame)
-            task = self._finish_head(handle, task_id)
+            task, seconds = self._finish_head(handle, task_id)
             if task is not None:
-                self.broker.succeed(task, result)
+                self.broker.succeed(task, result, seconds)
         elif op == wire.OP_FAILED:
             task_id, _code, message, retry, *_ = wire.decode(frame)
-            task = self._finish_head(handle, task_id)
+            task, seconds = self._finish_head(handle, task_id)
             if task is not None:
-                status = self.broker.fail(task, message, retry)
+                status = self.broker.fail(task, message, retry, seconds)
                 log.info(
                     "task %s (%s/%s) attempt %d failed (%s): %s",
                     task.id,
@@ -146,17 +146,19 @@ class WorkerPool:
         elif op == wire.OP_BOOT_ERROR:
             handle.boot_error = wire.decode(frame)["error"]
 
-    def _finish_head(self, handle: WorkerHandle, task_id: str) -> Any:
+    def _finish_head(self, handle: WorkerHandle, task_id: str) -> tuple[Any, float]:
+        """Pop the task a worker reported on; returns it and its run time."""
         if not handle.inflight or handle.inflight[0].id != task_id:
             log.error("worker %s reported task %s it was not running", handle.name, task_id)
-            return None
+            return None, 0.0
         task = handle.inflight.popleft()
         handle.tasks_done += 1
         now = time.monotonic()
-        self.broker.record_run(task.queue, now - handle.started_at)
+        seconds = now - handle.started_at
+        self.broker.record_run(task.queue, seconds)
         self._start_head(handle, now)
         self._maybe_recycle(handle, now)
-        return task
+        return task, seconds
 
     def _maybe_recycle(self, handle: WorkerHandle, now: float) -> None:
         """Replace a worker that ran its quota of tasks or grew past its memory limit."""
@@ -179,6 +181,8 @@ class WorkerPool:
         """Stop a worker after the tasks it holds, and start its replacement now."""
         handle.set_state(WorkerState.RETIRING)
         handle.retire_reason = reason
+        if self.broker.metrics is not None and reason.startswith("recycled"):
+            self.broker.metrics.worker_died(handle.queue, "recycled")
         handle.ep.send(wire.encode(wire.OP_STOP, None))
         log.info("worker %s (pid %d) retiring: %s", handle.name, handle.pid, reason)
         slots = self.slots.get(handle.queue, [])
@@ -279,7 +283,11 @@ class WorkerPool:
             return
         running = handle.inflight.popleft()
         reason = handle.killed_for or f"worker {handle.name} (pid {handle.pid}) died: {how}"
-        status = self.broker.fail(running, reason, True)
+        status = self.broker.fail(running, reason, True, time.monotonic() - handle.started_at)
+        if self.broker.metrics is not None:
+            self.broker.metrics.worker_died(
+                handle.queue, "timeout" if handle.killed_for else "crash"
+            )
         log.warning(
             "task %s (%s/%s): %s; now %s", running.id, running.queue, running.type, reason, status
         )
@@ -301,6 +309,8 @@ class WorkerPool:
             self._spawn(slot)
             return
         slot.failures += 1
+        if self.broker.metrics is not None:
+            self.broker.metrics.worker_died(handle.queue, "boot")
         slot.last_error = handle.boot_error or f"worker exited at start: {how}"
         delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (slot.failures - 1))
         slot.respawn_at = time.monotonic() + delay

@@ -67,6 +67,7 @@ class Supervisor:
         self.sigint_count = 0
         self._sig_r, self._sig_w = socket.socketpair()
         self.control: ControlServer | None = None
+        self.metrics_server: Any = None
         self.next_prune = time.monotonic() + 1.0
         self.next_status = 0.0
 
@@ -91,6 +92,8 @@ class Supervisor:
         self.control = ControlServer(
             settings.socket, settings.socket_mode, self.selector, self.requests.handle
         )
+        if settings.metrics:
+            self._serve_metrics(settings.metrics)
         if self.store.spills:
             self.broker.recover()
         self.pool.start_all()
@@ -104,7 +107,30 @@ class Supervisor:
         )
         self.notifier.ready(self.summary())
 
+    def _serve_metrics(self, address: str) -> None:
+        from .metrics import Metrics, MetricsServer
+
+        self.broker.metrics = Metrics()
+        self.metrics_server = MetricsServer(
+            address, self.selector, self.broker.metrics, before_render=self._refresh_gauges
+        )
+        log.info("Prometheus metrics on http://%s:%d/metrics", *self.metrics_server.address[:2])
+
+    def _refresh_gauges(self) -> None:
+        snapshot = {
+            name: {
+                "pending": s["pending"],
+                "running": s["running"],
+                "delayed": s["delayed"],
+                "workers": len(self.pool.slots.get(name, ())),
+            }
+            for name, s in self.broker.stats().items()
+        }
+        self.broker.metrics.set_gauges(snapshot)
+
     def cleanup(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.pool.kill_all()
         if self.control is not None:
             self.control.close()
@@ -122,6 +148,9 @@ class Supervisor:
             for sock in self.control.fds():
                 sock.close()
         self.pool.close_in_child()
+        if self.metrics_server is not None:
+            for sock in self.metrics_server.fds():
+                sock.close()
         self.notifier.close()
         self.selector.close()
 
@@ -274,7 +303,7 @@ class Supervisor:
     def _keep_fixed_settings(self, new: Config) -> Config:
         """Settings bound at start (store, socket) need a restart to change."""
         old = self.config.settings
-        fixed = {
+        fixed: dict[str, Any] = {
             "store": old.store,
             "socket": old.socket,
             "socket_mode": old.socket_mode,

@@ -197,3 +197,37 @@ def test_crash_backoff_is_visible_and_capped(make_daemon):
     assert worker["state"] == "crashing" and "broken on purpose" in worker["error"]
     assert "next try in 2.0s" in daemon.logs()  # 0.5, 1, 2 ... doubling
     assert psutil.Process(daemon.proc.pid).status() != psutil.STATUS_ZOMBIE
+
+
+def test_prometheus_endpoint(make_daemon):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:  # a free port for this test
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = make_daemon(settings=f'metrics = "127.0.0.1:{port}"')
+    daemon.run_task(queue="default", type="echo")
+    daemon.run_task(queue="default", type="always_fail", max_retry=1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, s.labels.get("queue")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("procqueue_tasks_published_total", "default")] == 2
+    assert samples[("procqueue_tasks_succeeded_total", "default")] == 1
+    assert samples[("procqueue_tasks_failed_total", "default")] == 1
+    assert samples[("procqueue_tasks_retried_total", "default")] == 1
+    assert samples[("procqueue_task_run_seconds_count", "default")] == 2
+    assert samples[("procqueue_workers", "default")] == 2
+
+
+def test_bad_metrics_address_is_a_config_error(short_dir):
+    from conftest import run_cli
+
+    config = write_config(short_dir, settings='metrics = "nowhere"')
+    result = run_cli("check", str(config))
+    assert result.returncode == 2 and "procqueue.metrics" in result.stderr
