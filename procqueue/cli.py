@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     task.set_defaults(func=cmd_task)
 
     _dead_parsers(sub)
+    _cron_parsers(sub)
 
     status = sub.add_parser("status", help="queues, counters and workers")
     status.add_argument("config")
@@ -97,6 +98,19 @@ def _dead_parsers(sub: Any) -> None:
     purge.add_argument("config")
     purge.add_argument("--queue")
     purge.set_defaults(func=cmd_dead_purge)
+
+
+def _cron_parsers(sub: Any) -> None:
+    cron = sub.add_parser("cron", help="cron entries of a running daemon")
+    verbs = cron.add_subparsers(dest="verb", required=True, metavar="VERB")
+    lst = verbs.add_parser("list", help="entries with their next and last run and counters")
+    lst.add_argument("config")
+    lst.add_argument("--json", action="store_true", help="one JSON array")
+    lst.set_defaults(func=cmd_cron_list)
+    cancel = verbs.add_parser("cancel", help="remove an entry until the next reload/restart")
+    cancel.add_argument("config")
+    cancel.add_argument("name")
+    cancel.set_defaults(func=cmd_cron_cancel)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,6 +250,25 @@ def cmd_dead_requeue(args: argparse.Namespace) -> int:
 def cmd_dead_purge(args: argparse.Namespace) -> int:
     with _client(load_config(args.config)) as client:
         print(f"purged {client.purge_dead(args.queue)} dead letter(s)")
+    return EXIT_OK
+
+
+def cmd_cron_list(args: argparse.Namespace) -> int:
+    with _client(load_config(args.config)) as client:
+        entries = client.list_cron()
+    if args.json:
+        print(orjson.dumps([e.to_dict() for e in entries], option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    from .status import render_cron
+
+    print(render_cron([e.to_dict() for e in entries]))
+    return EXIT_OK
+
+
+def cmd_cron_cancel(args: argparse.Namespace) -> int:
+    with _client(load_config(args.config)) as client:
+        client.cancel_cron(args.name)
+    print(f"cancelled cron entry {args.name!r}")
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from .control import FRAME, encode_frame
+from .cron import CronTask
 from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
 from .task import QueueTask
 
@@ -88,6 +89,42 @@ class Client:
     def purge_dead(self, queue: str | None = None) -> int:
         """Delete dead letters; returns how many."""
         return int(self._call({"op": "dead_purge", "queue": queue})["ok"])
+
+    # -- cron (the reference's CronTaskDispatcher) ---------------------------------
+    def add_cron(
+        self,
+        spec: str,
+        queue: str,
+        type: str,
+        payload: Any = None,
+        name: str | None = None,
+        **options: str,
+    ) -> CronTask:
+        """Add a cron entry at run time (kept across reloads); a uuid name when none.
+
+        ``options``: ``description``, ``timezone`` (default UTC), ``misfire``
+        (``coalesce`` or ``skip``).
+        """
+        request = {
+            "op": "cron_add",
+            "spec": spec,
+            "queue": queue,
+            "type": type,
+            "payload": payload,
+            "name": name,
+            **options,
+        }
+        return CronTask.from_dict(self._call(request)["ok"])
+
+    def cancel_cron(self, name: str) -> None:
+        """Remove a cron entry; ``TaskNotFound`` when there is none of that name."""
+        self._call({"op": "cron_cancel", "name": name})
+
+    def get_cron(self, name: str) -> CronTask:
+        return CronTask.from_dict(self._call({"op": "cron_get", "name": name})["ok"])
+
+    def list_cron(self) -> list[CronTask]:
+        return [CronTask.from_dict(c) for c in self._call({"op": "cron_list"})["ok"]]
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call({"op": "status"})["ok"]

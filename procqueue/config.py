@@ -144,9 +144,10 @@ class Config:
     settings: Settings
     queues: Mapping[str, TaskQueueConfig]
     raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    cron: tuple[Any, ...] = ()  # cron.CronSpecEntry, one per [[cron]] table
 
 
-_SECTIONS = ("procqueue", "queues")
+_SECTIONS = ("procqueue", "queues", "cron")
 _SETTINGS_KEYS = tuple(f.name for f in fields(Settings))
 _QUEUE_KEYS = tuple(f.name for f in fields(TaskQueueConfig))
 
@@ -512,8 +513,13 @@ def config_from_dict(data: Mapping[str, Any], path: str | os.PathLike[str]) -> C
         queues = _queues(data)
     except _Invalid as exc:
         raise ConfigError(f"{os.fspath(path)}: {exc}") from None
+    from .cron import parse_cron_entries
+
+    cron = parse_cron_entries(data.get("cron"), os.fspath(path), queues)
     raw = MappingProxyType(copy.deepcopy(dict(data)))
-    return Config(path=absolute, settings=settings, queues=MappingProxyType(queues), raw=raw)
+    return Config(
+        path=absolute, settings=settings, queues=MappingProxyType(queues), raw=raw, cron=cron
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

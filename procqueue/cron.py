@@ -258,6 +258,17 @@ class CronTask:
         data["last_run"] = _iso(self.last_run)
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CronTask:
+        """The inverse of :meth:`to_dict` (what a client receives)."""
+        values = dict(data)
+        payload = values.get("payload")
+        values["payload"] = None if payload is None else orjson.dumps(payload)
+        for name in ("next_run", "last_run"):
+            if values.get(name):
+                values[name] = datetime.fromisoformat(values[name])
+        return cls(**values)
+
 
 @dataclass(frozen=True, slots=True)
 class Fire:

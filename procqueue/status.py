@@ -31,6 +31,8 @@ def render_status(status: dict[str, Any]) -> str:
     lines += _table(_QUEUE_COLUMNS, rows)
     workers = [w for q in queues.values() for w in q["workers"]]
     lines += ["", *_table(_WORKER_COLUMNS, [_worker_row(w) for w in workers])]
+    if status.get("cron"):
+        lines += ["", render_cron(status["cron"])]
     errors = [f"  {w['name']}: {w['error']}" for w in workers if w.get("error")]
     if errors:
         lines += ["", "errors:", *errors]
@@ -81,3 +83,22 @@ def _table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
     ]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*header), *(fmt.format(*r) for r in rows)]
+
+
+_CRON_COLUMNS = ("cron", "spec", "queue/type", "next run", "last run", "runs", "errors")
+
+
+def render_cron(entries: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            e["name"],
+            e["spec"],
+            f"{e['queue']}/{e['type']}",
+            e["next_run"] or "-",
+            e["last_run"] or "-",
+            str(e["total"]),
+            str(e["err_count"]),
+        ]
+        for e in entries
+    ]
+    return "\n".join(_table(_CRON_COLUMNS, rows)) if rows else "no cron entries"

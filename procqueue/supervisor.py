@@ -27,6 +27,7 @@ from .config import Config, load_config
 from .control import ControlServer
 from .errors import ConfigError
 from .pool import WorkerPool
+from .scheduler import CronService
 from .store import open_store
 from .systemd import Notifier
 
@@ -62,6 +63,10 @@ class Supervisor:
         self.requests = Requests(self.broker, self.store, self.status)
         self.pool = WorkerPool(config, self.broker, self.selector, self._close_in_child)
         self.pool.publish_hook = self.requests.publish_from_worker
+        self.cron = CronService(
+            config.cron, self.selector, self._publish_cron, lambda: set(self.broker.configured)
+        )
+        self.requests.extra.update(self.cron.ops())
         self.notifier = notifier or Notifier.from_env()
         self.stop_deadline: float | None = None
         self.sigint_count = 0
@@ -97,6 +102,7 @@ class Supervisor:
         if self.store.spills:
             self.broker.recover()
         self.pool.start_all()
+        self.cron.start()
         self.set_state(SupervisorState.RUNNING)
         log.info(
             "procqueue %d serving %s on %s with %d queue(s)",
@@ -129,6 +135,7 @@ class Supervisor:
         self.broker.metrics.set_gauges(snapshot)
 
     def cleanup(self) -> None:
+        self.cron.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.pool.kill_all()
@@ -148,6 +155,8 @@ class Supervisor:
             for sock in self.control.fds():
                 sock.close()
         self.pool.close_in_child()
+        for sock in self.cron.fds():
+            sock.close()
         if self.metrics_server is not None:
             for sock in self.metrics_server.fds():
                 sock.close()
@@ -231,6 +240,12 @@ class Supervisor:
 
     def _on_finish(self, task: Any) -> None:
         self.requests.on_finish(task)
+        self.cron.on_finish(task)
+
+    def _publish_cron(self, tasks: list[Any]) -> list[Any]:
+        if self.state is not SupervisorState.RUNNING:
+            raise RuntimeError(f"supervisor is {self.state}")
+        return self.broker.publish(tasks, force=True)
 
     # -- signals (STYLE.md 2: handlers only record; the loop acts) -------------
     def _install_signals(self) -> None:
@@ -294,6 +309,7 @@ class Supervisor:
         self.config = new
         self.broker.reconfigure(new.queues)
         self.pool.reconfigure(new)
+        self.cron.reconfigure(new.cron)
         self.set_state(SupervisorState.RUNNING)
         log.info(
             "reloaded %s: %d queue(s), new workers start with fresh code", new.path, len(new.queues)
@@ -329,6 +345,7 @@ class Supervisor:
             "config": str(self.config.path),
             "store": self.config.settings.store,
             "queues": queues,
+            "cron": self.cron.list(),
         }
 
     def summary(self) -> str:

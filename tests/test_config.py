@@ -336,7 +336,7 @@ def test_config_error_is_a_procqueue_error(tmp_path: Path) -> None:
         pytest.param(
             f"[workers]\ncount = 2\n{MINIMAL}",
             "workers",
-            'one of the keys procqueue, queues, got unknown key "workers"',
+            'one of the keys procqueue, queues, cron, got unknown key "workers"',
             id="unknown-section",
         ),
         pytest.param(
