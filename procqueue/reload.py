@@ -84,8 +84,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHU
 FORWARDED_SIGNALS += (signal.SIGTTIN, signal.SIGTTOU)
 # Never watched, nor reported when under one of them (hidden ones are skipped too).
 IGNORED_DIRS = frozenset(
-    "__pycache__ .git .hg .svn .venv .tox .nox .mypy_cache .pytest_cache .ruff_cache "
-    ".hypothesis .idea node_modules site-packages".split()
+    ["__pycache__", ".git", ".hg", ".svn", ".venv", ".tox", ".nox", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis", ".idea", "node_modules", "site-packages"]
 )
 # vim swap files (.swp, .swx, ...) and its write probe "4913"; emacs backups
 # "x~", lock files ".#x" and autosaves "#x#"; JetBrains "x___jb_tmp___".

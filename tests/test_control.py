@@ -8,8 +8,8 @@ import struct
 
 import orjson
 import pytest
-from conftest import run_cli, write_config
 
+from conftest import run_cli, write_config
 from procqueue import QueueTask, QueueTaskStatus
 from procqueue.control import MAX_REQUEST
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
-from conftest import TESTS, start_daemon, write_config
 
+from conftest import TESTS, start_daemon, write_config
 from procqueue import QueueTask, QueueTaskStatus, marshal_payload
 
 pytestmark = pytest.mark.timeout(90)
