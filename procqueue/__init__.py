@@ -7,6 +7,7 @@ fed through shared-memory rings by one supervisor. See the README.
 from .client import Client
 from .config import Config, TaskQueueConfig, load_config
 from .context import Context
+from .embedded import Pool, Task, TaskStatus
 from .errors import (
     ConfigError,
     DaemonUnavailable,
@@ -21,6 +22,7 @@ from .errors import (
     QueueConfigConflict,
     QueueFull,
     QueueNotRegistered,
+    TaskFailed,
     TaskHandlerNotFound,
     TaskNotFound,
     TaskTimeout,
@@ -41,6 +43,7 @@ __all__ = [
     "InvalidQueueTask",
     "InvalidTaskHandler",
     "InvalidTaskType",
+    "Pool",
     "ProcQueueError",
     "ProtocolError",
     "QueueConfigConflict",
@@ -48,9 +51,12 @@ __all__ = [
     "QueueNotRegistered",
     "QueueTask",
     "QueueTaskStatus",
+    "Task",
+    "TaskFailed",
     "TaskHandlerNotFound",
     "TaskNotFound",
     "TaskQueueConfig",
+    "TaskStatus",
     "TaskTimeout",
     "load_config",
     "marshal_payload",

@@ -26,8 +26,9 @@ Reply = dict[str, Any]
 class Requests:
     def __init__(self, broker: Broker, store: Store, status: Callable[[], dict[str, Any]]) -> None:
         self.broker, self.store, self._status = broker, store, status
-        self.after_commit: list[tuple[Conn, Reply]] = []
+        self.after_commit: list[tuple[Callable[[Any], None], Reply]] = []  # (send, frame)
         self.waiters: dict[str, list[Conn]] = {}
+        self.notify: dict[str, Conn] = {}  # task id -> the connection that wants its outcome
         self.wait_timers: list[tuple[float, int, str, Conn]] = []  # (monotonic, seq, id, conn)
         self._seq = itertools.count()
         self.extra: dict[str, Callable[[dict[str, Any]], Any]] = {}  # more ops (cron ...)
@@ -67,12 +68,18 @@ class Requests:
         if not isinstance(raw, list):
             raise InvalidQueueTask('publish needs "tasks": a list of task objects')
         tasks = [QueueTask.from_dict(t) for t in raw]
+        brief = bool(req.get("brief"))  # reply with a count instead of the stored tasks
         try:
-            reply: Reply = {"ok": [t.to_dict() for t in self.broker.publish(tasks)]}
+            stored = self.broker.publish(tasks)
+            reply: Reply = {"ok": len(stored) if brief else [t.to_dict() for t in stored]}
         except QueueFull as exc:
-            done = getattr(exc, "accepted", [])
-            reply = error_reply(exc, accepted=[t.to_dict() for t in done])
-        self.after_commit.append((conn, reply))
+            stored = getattr(exc, "accepted", [])
+            accepted: Any = len(stored) if brief else [t.to_dict() for t in stored]
+            reply = error_reply(exc, accepted=accepted)
+        if req.get("notify"):  # push {"event": "done", ...} when each task finishes
+            for task in stored:
+                self.notify[task.id] = conn
+        self.after_commit.append((conn.reply, reply))
         return DEFERRED
 
     def publish_from_worker(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,7 +111,17 @@ class Requests:
         conns = self.waiters.pop(task.id, None)
         if conns:
             reply = {"ok": task.to_dict()}
-            self.after_commit.extend((conn, reply) for conn in conns)
+            self.after_commit.extend((conn.reply, reply) for conn in conns)
+        conn = self.notify.pop(task.id, None)
+        if conn is not None and not conn.closed:
+            event = {
+                "event": "done",
+                "id": task.id,
+                "status": task.status,
+                "result": task.result,
+                "error": task.last_error,
+            }
+            self.after_commit.append((conn.push, event))
 
     def next_timer(self) -> float | None:
         return self.wait_timers[0][0] if self.wait_timers else None
@@ -121,8 +138,8 @@ class Requests:
         """After the store's commit: what the held replies report is now durable."""
         if self.after_commit:
             replies, self.after_commit = self.after_commit, []
-            for conn, reply in replies:
-                conn.reply(reply)
+            for send, frame in replies:
+                send(frame)
 
     # -- dead letters ----------------------------------------------------------------
     def _dead_letters(self, op: str, req: dict[str, Any]) -> Any:

@@ -34,6 +34,7 @@ from .errors import (
 )
 from .store import Store
 from .task import QueueTask, QueueTaskStatus
+from .wire import CALL_TYPE
 
 Clock = Callable[[], float]
 log = logging.getLogger("procqueue.broker")
@@ -141,6 +142,9 @@ class Broker:
         accepted: list[QueueTask] = []
         now = self.clock()
         for task, state in zip(tasks, states, strict=True):
+            if task.id and (known := self.store.get(task.id)) is not None:
+                accepted.append(known)  # a publish sent again: idempotent by id
+                continue
             if not force and not self.store.spills and state.held >= state.config.buffer_size:
                 err = QueueFull(
                     f"queue {state.name!r} is full: {state.pending} pending tasks "
@@ -254,7 +258,9 @@ class Broker:
         """Pop the next ready task of a queue and mark it running."""
         while state.ready:
             task = state.ready.popleft()
-            if task.type not in state.config.handlers:
+            if task.type not in state.config.handlers and not (
+                task.type == CALL_TYPE and state.config.allow_calls
+            ):
                 msg = f"no handler for task type {task.type!r} in queue {state.name!r}"
                 self._dead(task, state, TaskHandlerNotFound(msg).message)
                 continue

@@ -113,6 +113,7 @@ class TaskQueueConfig:
     kill_grace: float = 5.0
     max_tasks_per_child: int = 0  # replace a worker after this many tasks; 0 = never
     max_memory_per_child: int = 0  # replace a worker whose RSS exceeds this (bytes); 0 = never
+    allow_calls: bool = False  # run "procqueue.call" tasks (functions named by import path)
     handlers: Mapping[str, str] = field(default_factory=_frozen_handlers)
 
     def __post_init__(self) -> None:
@@ -297,6 +298,13 @@ def _int_field(table: Mapping[str, Any], where: str, name: str, default: int, mi
     return value
 
 
+def _bool_field(table: Mapping[str, Any], where: str, name: str, default: bool) -> bool:
+    value = table.get(name, default)
+    if isinstance(value, bool):
+        return value
+    raise _Invalid(_message(_key(where, name), "true or false", value))
+
+
 def _duration_field(table: Mapping[str, Any], where: str, name: str, default: float) -> float:
     try:
         return parse_duration(table.get(name, default), _key(where, name))
@@ -479,6 +487,7 @@ def _queue(name: str, value: object) -> TaskQueueConfig:
         ring_size=_size_field(table, where, "ring_size", 1 << 20),
         kill_grace=_duration_field(table, where, "kill_grace", 5.0),
         max_tasks_per_child=_int_field(table, where, "max_tasks_per_child", 0, 0),
+        allow_calls=_bool_field(table, where, "allow_calls", False),
         max_memory_per_child=_size_field(
             table,
             where,

@@ -125,6 +125,12 @@ class Conn:
         if not self.closed and not self.waiting:
             self._process()
 
+    def push(self, obj: Any) -> None:
+        """An event frame (``{"event": ...}``) outside the request/reply order."""
+        if not self.closed:
+            self.outbuf += encode_frame(obj)
+            self._write()
+
     def _write(self) -> None:
         try:
             sent = self.sock.send(self.outbuf)

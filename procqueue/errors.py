@@ -113,6 +113,13 @@ class DaemonUnavailable(ProcQueueError):
     default_message = "procqueue daemon unavailable"
 
 
+class TaskFailed(ProcQueueError):
+    """A ``procqueue.Pool`` call raised (after its retries); the message is its last error."""
+
+    code = 16
+    default_message = "task failed"
+
+
 ERRORS_BY_CODE: dict[int, type[ProcQueueError]] = {
     cls.code: cls
     for cls in (
@@ -131,6 +138,7 @@ ERRORS_BY_CODE: dict[int, type[ProcQueueError]] = {
         ConfigError,
         ProtocolError,
         DaemonUnavailable,
+        TaskFailed,
     )
 }
 

@@ -80,18 +80,18 @@ log = logging.getLogger("procqueue.reload")
 
 DEBOUNCE_MS = 300  # a burst of saves within this is one reload
 STEP_MS = 100  # a quiet gap this long ends a burst early; also the stop latency
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
-FORWARDED_SIGNALS += (signal.SIGTTIN, signal.SIGTTOU)
-# Never watched, nor reported when under one of them (hidden ones are skipped too).
-IGNORED_DIRS = frozenset(
-    ["__pycache__", ".git", ".hg", ".svn", ".venv", ".tox", ".nox", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis", ".idea", "node_modules", "site-packages"]
-)
+FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+FORWARDED_SIGNALS += (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+# Never watched, nor reported under (hidden directories are not walked either).
+IGNORED_DIRS = frozenset(("__pycache__", ".git", ".hg", ".svn", ".venv", ".tox", ".nox"))
+IGNORED_DIRS |= {".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis", ".idea"}
+IGNORED_DIRS |= {"node_modules", "site-packages"}
 # vim swap files (.swp, .swx, ...) and its write probe "4913"; emacs backups
 # "x~", lock files ".#x" and autosaves "#x#"; JetBrains "x___jb_tmp___".
 _EDITOR_TEMP = re.compile(r"\.sw.$|~$|^\.#|^#.*#$|^4913$|___jb_\w+___$")
 _MAX_LISTED = 10  # changed files named in one log line
 
-Handler = Callable[[int, FrameType | None], Any] | int | None
+_SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
 # ------------------------------------------------------------- what to watch
@@ -319,7 +319,7 @@ class _Wakeups:
         self._selector.register(self._signals, selectors.EVENT_READ)
         self._selector.register(self._reloads, selectors.EVENT_READ)
         self._old_fd = -1
-        self._old_handlers: dict[signal.Signals, Handler] = {}
+        self._old_handlers: dict[signal.Signals, _SignalHandler] = {}
 
     def __enter__(self) -> _Wakeups:
         self._old_fd = signal.set_wakeup_fd(self._signals_w.fileno(), warn_on_full_buffer=False)

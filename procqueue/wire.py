@@ -26,6 +26,11 @@ from .task import QueueTask, QueueTaskStatus
 OP_TASK, OP_REPLY, OP_STOP = b"T"[0], b"R"[0], b"S"[0]
 OP_BOOTED, OP_BOOT_ERROR, OP_DONE, OP_FAILED, OP_PUBLISH = (ord(c) for c in "BEDFP")
 
+# The built-in task type of ``procqueue.Pool.run`` / ``map``: the payload names a
+# function by import path ({"fn": "module:qualname", "args": [...], "kwargs": {...}}
+# or {"fn": ..., "chunk": [arg, ...]}). Only queues with ``allow_calls`` run it.
+CALL_TYPE = "procqueue.call"
+
 _META_LEN = struct.Struct("<I")
 # The fields of a task frame's meta list, in order; ``limit`` is the effective
 # time limit in seconds (task timeout, else the queue's; 0 = none).

@@ -28,7 +28,13 @@ import setproctitle
 from . import wire
 from .config import Config
 from .context import Context
-from .errors import InternalError, ProcQueueError, TaskHandlerNotFound, TaskTimeout
+from .errors import (
+    InternalError,
+    InvalidQueuePayload,
+    ProcQueueError,
+    TaskHandlerNotFound,
+    TaskTimeout,
+)
 from .ring import Endpoint, PeerGone
 from .task import QueueTask
 
@@ -52,6 +58,7 @@ class Worker:
         self.parent = parent
         self.name = f"{queue}#{index}"
         self.handlers: dict[str, Handler] = {}
+        self.functions: dict[str, Callable[..., Any]] = {}  # Pool.run targets, resolved once
         self.backlog: collections.deque[bytes] = collections.deque()  # frames read early
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -118,12 +125,23 @@ class Worker:
                 self.stopping = True
             self.ep.send(wire.encode(wire.OP_FAILED, _failure(task, exc)))
         else:
-            self.ep.send(wire.encode(wire.OP_DONE, [task.id, _keepable(result)]))
+            self.ep.send(self._done_frame(task, result))
         self.ep.flush()
         self._title("idle")
 
+    def _done_frame(self, task: QueueTask, result: Any) -> bytes:
+        if task.type != wire.CALL_TYPE:  # a handler's result is kept only if it fits
+            return wire.encode(wire.OP_DONE, [task.id, _keepable(result)])
+        try:  # a function's result is what the caller waits for: it must travel
+            return wire.encode(wire.OP_DONE, [task.id, result])
+        except TypeError as exc:
+            error = InvalidQueuePayload(f"the function's result is not JSON-serialisable: {exc}")
+            return wire.encode(wire.OP_FAILED, [task.id, error.code, error.message, False])
+
     def _call(self, task: QueueTask, ctx: Context, limit: float) -> Any:
         handler = self.handlers.get(task.type)
+        if handler is None and task.type == wire.CALL_TYPE:
+            handler = self._run_function
         if handler is None:
             raise TaskHandlerNotFound(
                 f"no handler for task type {task.type!r} in queue {task.queue!r}"
@@ -138,6 +156,17 @@ class Worker:
         finally:
             if limit > 0:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _run_function(self, ctx: Context, task: QueueTask) -> Any:
+        """``procqueue.Pool.run`` / ``map``: a function named by import path."""
+        call = orjson.loads(task.payload or b"{}")
+        target = call["fn"]
+        fn = self.functions.get(target)
+        if fn is None:
+            fn = self.functions[target] = load_callable(target)
+        if "chunk" in call:
+            return [fn(item) for item in call["chunk"]]
+        return fn(*call.get("args", ()), **call.get("kwargs", {}))
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self.loop is None:
@@ -174,6 +203,12 @@ def _reply_tasks(reply: dict[str, Any]) -> list[QueueTask]:
 
 
 def load_handler(target: str) -> Handler:
+    """Import ``package.module:attr.path`` and return the handler."""
+    handler: Handler = load_callable(target)
+    return handler
+
+
+def load_callable(target: str) -> Callable[..., Any]:
     """Import ``package.module:attr.path`` and return the callable."""
     module_name, _, attr_path = target.partition(":")
     obj: Any = importlib.import_module(module_name)
@@ -181,8 +216,8 @@ def load_handler(target: str) -> Handler:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{target} is not callable")
-    handler: Handler = obj
-    return handler
+    fn: Callable[..., Any] = obj
+    return fn
 
 
 def _describe(exc: BaseException) -> str:
@@ -237,11 +272,11 @@ def prepare_process(parent: int) -> None:
         os._exit(0)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us if the supervisor dies (even mid-task in C code)."""
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` when our parent dies (SIGKILL: even mid-task in C code)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the doorbell EOF and the getppid check still notice
 

@@ -330,7 +330,7 @@ def test_config_error_is_a_procqueue_error(tmp_path: Path) -> None:
         pytest.param(
             '[queues."user.sync"]\nconcurency = 2\n',
             'queues."user.sync".concurency',
-            'one of the keys concurrency, max_retry, retry_delay, buffer_size, timeout, prefetch, ring_size, kill_grace, max_tasks_per_child, max_memory_per_child, handlers, got unknown key "concurency" (did you mean "concurrency"?)',  # noqa: E501
+            'one of the keys concurrency, max_retry, retry_delay, buffer_size, timeout, prefetch, ring_size, kill_grace, max_tasks_per_child, max_memory_per_child, allow_calls, handlers, got unknown key "concurency" (did you mean "concurrency"?)',  # noqa: E501
             id="unknown-key-in-queue",
         ),
         pytest.param(

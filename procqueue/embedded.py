@@ -1,0 +1,389 @@
+"""``procqueue.Pool``: the supervisor/worker engine inside a Python program.
+
+``with procqueue.Pool() as pool:`` forks a supervisor from the calling
+process (so the workers see every module the program has imported, its
+``__main__`` included) and talks to it over a private control socket.
+``pool.run(fn, *args)`` returns at once with a ``Task`` handle; functions
+travel by import path and arguments and results as JSON, never as pickle.
+
+Throughput comes from pipelining: ``run`` only queues the call; a sender
+thread ships everything queued so far as one publish, and a reader thread
+resolves handles from the ``done`` events the supervisor pushes. The fork
+happens in ``start()``, before those threads exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import enum
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .client import Client, _recv_exact
+from .config import Config, config_from_dict, load_config
+from .control import FRAME, encode_frame
+from .errors import (
+    DaemonUnavailable,
+    InvalidQueuePayload,
+    InvalidTaskHandler,
+    QueueFull,
+    TaskFailed,
+    TaskNotFound,
+    error_from_dict,
+)
+from .task import QueueTask
+from .wire import CALL_TYPE
+
+QUEUE = "default"
+
+
+class TaskStatus(enum.IntEnum):
+    """The reference's ``TaskStatus``: queued, running, finished."""
+
+    QUEUE = 0
+    RUNNING = 1
+    FINISH = 2
+
+
+class Task:
+    """A handle on one ``pool.run`` call."""
+
+    def __init__(self, pool: Pool, task_id: str) -> None:
+        self.id, self._pool = task_id, pool
+        self._done = threading.Event()
+        self._ok = False
+        self._value: Any = None
+        self._error = ""
+
+    def _finish(self, ok: bool, value: Any, error: str) -> None:
+        self._ok, self._value, self._error = ok, value, error
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def status(self) -> TaskStatus:
+        if self._done.is_set():
+            return TaskStatus.FINISH
+        running = self._pool._task_state(self.id) == "running"
+        return TaskStatus.RUNNING if running else TaskStatus.QUEUE
+
+    @property
+    def err(self) -> TaskFailed | None:
+        """The error of a finished, failed call (None while running or on success)."""
+        if self._done.is_set() and not self._ok:
+            return TaskFailed(self._error or "task failed")
+        return None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the call and return its result; raise ``TaskFailed`` if it failed."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
+        if not self._ok:
+            raise TaskFailed(self._error or "task failed")
+        return self._value
+
+
+def function_path(fn: Callable[..., Any]) -> str:
+    """``module:qualname`` of a module-level function, or InvalidTaskHandler."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or not qualname or "<" in qualname:
+        raise InvalidTaskHandler(
+            f"{fn!r} cannot be named by import path: pass a module-level function "
+            "(no lambda, no nested function)"
+        )
+    return f"{module}:{qualname}"
+
+
+class Pool:
+    """A better ``ProcessPoolExecutor``: queues, retries, time limits and cron.
+
+    ``config`` may be None (a memory store and a queue ``default`` with one
+    worker per core), a path to a procqueue TOML config, or a ``Config``.
+    ``run`` and ``map`` use the queue named ``default``.
+    """
+
+    def __init__(
+        self, config: str | os.PathLike[str] | Config | None = None, *, workers: int | None = None
+    ) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="pqpool", dir="/tmp"))
+        self.config = self._embedded_config(config, workers)
+        self._pid = 0
+        self._sock: socket.socket | None = None
+        self._pending: dict[str, Task] = {}
+        self._outbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._batches: collections.deque[list[dict[str, Any]]] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+        self._client: Client | None = None
+        self._client_lock = threading.Lock()
+
+    def _embedded_config(self, config: Any, workers: int | None) -> Config:
+        socket_path = str(self._dir / "pool.sock")
+        if isinstance(config, Config):
+            raw = dict(config.raw)
+            path: Any = config.path
+        elif config is not None:
+            loaded = load_config(config)
+            raw, path = dict(loaded.raw), loaded.path
+        else:
+            count = workers or os.cpu_count() or 1
+            raw = {
+                "procqueue": {"store": "memory"},
+                "queues": {QUEUE: {"concurrency": count, "buffer_size": 1 << 30}},
+            }
+            path = self._dir / "pool.toml"
+        settings = dict(raw.get("procqueue", {}))
+        settings["socket"] = socket_path
+        queues = {name: dict(table) for name, table in raw.get("queues", {}).items()}
+        if QUEUE in queues:  # the embedding program trusts its own functions
+            queues[QUEUE]["allow_calls"] = True
+            if workers:
+                queues[QUEUE]["concurrency"] = workers
+        return config_from_dict({**raw, "procqueue": settings, "queues": queues}, path)
+
+    # -- lifecycle ------------------------------------------------------------
+    def __enter__(self) -> Pool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> Pool:
+        if self._pid:
+            return self
+        self._pid = _fork_supervisor(self.config)
+        self._sock = self._connect()
+        self._wait_for_workers()
+        for target in (self._send_loop, self._read_loop):
+            thread = threading.Thread(
+                target=target, name=f"procqueue-pool-{target.__name__}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _connect(self, timeout: float = 30.0) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        path = str(self.config.settings.socket)
+        while True:
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
+            if pid:
+                raise DaemonUnavailable(f"the pool's supervisor exited ({status:#x})")
+            with contextlib.suppress(OSError):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(path)
+                    return sock
+                except OSError:
+                    sock.close()
+                    raise
+            if time.monotonic() > deadline:
+                raise DaemonUnavailable(f"the pool's supervisor did not start within {timeout}s")
+            time.sleep(0.005)
+
+    def _wait_for_workers(self, timeout: float = 30.0) -> None:
+        """Return once every worker has imported its handlers (or is crashing)."""
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                queues = client.status()["queues"].values()
+                states = {w["state"] for q in queues for w in q["workers"]}
+                if states <= {"idle", "busy", "crashing"}:
+                    return
+                time.sleep(0.005)
+        raise DaemonUnavailable(f"the pool's workers did not start within {timeout}s")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the workers (running calls finish) and the supervisor."""
+        if not self._pid:
+            return
+        self._closing = True
+        with self._wake:
+            self._wake.notify_all()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGTERM)
+        _wait_or_kill(self._pid, timeout)
+        self._pid = 0
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        for thread in self._threads:
+            thread.join(5)
+        if self._client is not None:
+            self._client.close()
+        for task in list(self._pending.values()):
+            task._finish(False, None, "the pool was closed before the task finished")
+        self._pending.clear()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- the API ------------------------------------------------------------------
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Task:
+        """Run ``fn(*args, **kwargs)`` in a worker of the queue ``default``."""
+        return self._submit({"fn": function_path(fn), "args": args, "kwargs": kwargs})
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int = 1,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """``fn`` over every item, results in order; ``chunksize`` items per task."""
+        target = function_path(fn)
+        items = list(iterable)
+        tasks = [
+            self._submit({"fn": target, "chunk": items[i : i + chunksize]})
+            for i in range(0, len(items), max(1, chunksize))
+        ]
+        for task in tasks:
+            yield from task.result(timeout)
+
+    def publish(self, task: QueueTask) -> QueueTask:
+        """Publish a task to any queue of the pool, as ``Client.publish`` does."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = Client(self.config.settings.socket)
+            return self._client.publish(task)
+
+    def client(self) -> Client:
+        """A new client of this pool's supervisor (for status, wait, cron ...)."""
+        return Client(self.config.settings.socket)
+
+    def _task_state(self, task_id: str) -> str:
+        with self._client_lock:
+            if self._client is None:
+                self._client = Client(self.config.settings.socket)
+            try:
+                return str(self._client.get_task(task_id).status)
+            except TaskNotFound:  # still in the outbox: not sent yet
+                return "pending"
+
+    # -- pipelining ----------------------------------------------------------------
+    def _submit(self, call: dict[str, Any]) -> Task:
+        if not self._pid or self._closing:
+            raise DaemonUnavailable("the pool is not running: use it inside `with Pool() as pool`")
+        try:
+            payload = orjson.dumps(call)
+        except TypeError as exc:
+            raise InvalidQueuePayload(f"arguments must be JSON-serialisable: {exc}") from None
+        task = Task(self, str(uuid.uuid4()))
+        self._pending[task.id] = task
+        entry = {
+            "id": task.id,
+            "queue": QUEUE,
+            "type": CALL_TYPE,
+            "payload": base64.b64encode(payload).decode(),
+        }
+        with self._wake:
+            self._outbox.append(entry)
+            self._wake.notify()
+        return task
+
+    def _send_loop(self) -> None:
+        """Ship everything queued so far as one publish; never wait for replies."""
+        assert self._sock is not None
+        while not self._closing:
+            with self._wake:
+                while not self._outbox and not self._closing:
+                    self._wake.wait()
+                batch = list(self._outbox)
+                self._outbox.clear()
+            if not batch:
+                continue
+            self._batches.append(batch)
+            request = {"op": "publish", "tasks": batch, "notify": True, "brief": True}
+            try:
+                self._sock.sendall(encode_frame(request))
+            except OSError:
+                return
+
+    def _read_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                (size,) = FRAME.unpack(_recv_exact(self._sock, 4))
+                frame = orjson.loads(_recv_exact(self._sock, size))
+            except (OSError, EOFError, ValueError):
+                return
+            if "event" in frame:
+                task = self._pending.pop(frame["id"], None)
+                if task is not None:
+                    task._finish(frame["status"] == "succeeded", frame["result"], frame["error"])
+            else:
+                self._on_publish_reply(frame)
+
+    def _on_publish_reply(self, reply: dict[str, Any]) -> None:
+        batch = self._batches.popleft()
+        if "error" not in reply:
+            return
+        error = error_from_dict(reply["error"])
+        rest = batch[int(reply.get("accepted") or 0) :]
+        if isinstance(error, QueueFull):  # send the rest again, a little later
+            time.sleep(0.005)
+            with self._wake:
+                self._outbox.extendleft(reversed(rest))
+                self._wake.notify()
+            return
+        for entry in rest:
+            task = self._pending.pop(entry["id"], None)
+            if task is not None:
+                task._finish(False, None, str(error))
+
+
+def _fork_supervisor(config: Config) -> int:
+    """Fork the supervisor from the calling (main) thread; it dies with its parent."""
+    from .logs import setup_logging
+    from .supervisor import Supervisor
+    from .systemd import Notifier
+    from .worker import _die_with_parent
+
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        _die_with_parent(signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(0)
+        setup_logging(
+            config.settings.log_level if config.settings.log_level != "info" else "warning"
+        )
+        Supervisor(config, notifier=Notifier()).serve_forever()  # not the program's systemd
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _wait_or_kill(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
