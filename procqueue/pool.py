@@ -60,6 +60,7 @@ class WorkerPool:
         self.by_pid: dict[int, WorkerHandle] = {}
         self._procs: dict[int, psutil.Process] = {}  # for CPU% between two status calls
         self.stopping = False
+        self.reported: set[str] = set()  # boot errors already logged at ERROR
         self.publish_hook: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
     # -- spawning --------------------------------------------------------------
@@ -142,6 +143,7 @@ class WorkerPool:
             self._on_publish(handle, wire.decode(frame))
         elif op == wire.OP_BOOTED:
             handle.set_state(WorkerState.IDLE)
+            self.reported.clear()
             log.info("worker %s (pid %d) ready", handle.name, handle.pid)
         elif op == wire.OP_BOOT_ERROR:
             handle.boot_error = wire.decode(frame)["error"]
@@ -314,11 +316,14 @@ class WorkerPool:
         slot.last_error = handle.boot_error or f"worker exited at start: {how}"
         delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (slot.failures - 1))
         slot.respawn_at = time.monotonic() + delay
-        log.error(
+        first = slot.last_error not in self.reported  # the same error is told once, loudly
+        self.reported.add(slot.last_error)
+        log.log(
+            logging.ERROR if first else logging.INFO,
             "worker %s cannot start (%d in a row): %s; next try in %.1fs",
             handle.name,
             slot.failures,
-            slot.last_error,
+            slot.last_error if first else "same error",
             delay,
         )
 
@@ -393,6 +398,7 @@ class WorkerPool:
     def reconfigure(self, config: Config) -> None:
         """Reload: every worker retires after what it holds; new ones import fresh code."""
         self.config = config
+        self.reported.clear()
         old = [s.worker for slots in self.slots.values() for s in slots if s.worker]
         self.slots = {
             name: [Slot(name, i) for i in range(cfg.concurrency)]

@@ -231,3 +231,30 @@ def test_bad_metrics_address_is_a_config_error(short_dir):
     config = write_config(short_dir, settings='metrics = "nowhere"')
     result = run_cli("check", str(config))
     assert result.returncode == 2 and "procqueue.metrics" in result.stderr
+
+
+def test_reload_flag_picks_up_edits_and_survives_a_syntax_error(short_dir):
+    _hot_module(short_dir, "v1")
+    config = write_config(
+        short_dir, queues=HOT_QUEUES, settings=f'pythonpath = ["{short_dir}", "{TESTS}"]'
+    )
+    daemon = start_daemon(config, extra=["--reload"])
+    log = str(short_dir / "ran.log")
+
+    def run() -> QueueTask:
+        return daemon.run_task(queue="hot", type="hot", headers={"log": log}, wait=20)
+
+    try:
+        daemon.wait_ready()
+        assert run().result == "v1"
+        _hot_module(short_dir, "v2")
+        _until(lambda: run().result == "v2", timeout=20, message=daemon.logs())
+        (short_dir / "hotmod.py").write_text("def handle(ctx, task):\n    return (\n")
+        _until(lambda: "same error" in daemon.logs(), timeout=20)  # retried, told once
+        client = daemon.client()
+        stored = client.publish(QueueTask(queue="hot", type="hot", headers={"log": log}))
+        _hot_module(short_dir, "v3")  # fixed: the queue resumes, the queued task runs
+        assert client.wait(stored.id, timeout=30).result == "v3"
+        assert daemon.logs().count("SyntaxError") == 1  # reported once, not per retry
+    finally:
+        daemon.stop()
