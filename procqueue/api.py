@@ -68,14 +68,13 @@ class Requests:
         if not isinstance(raw, list):
             raise InvalidQueueTask('publish needs "tasks": a list of task objects')
         tasks = [QueueTask.from_dict(t) for t in raw]
-        brief = bool(req.get("brief"))  # reply with a count instead of the stored tasks
+        shape = _REPLY_SHAPES[req.get("brief") or "tasks"]
         try:
             stored = self.broker.publish(tasks)
-            reply: Reply = {"ok": len(stored) if brief else [t.to_dict() for t in stored]}
+            reply: Reply = {"ok": shape(stored)}
         except QueueFull as exc:
             stored = getattr(exc, "accepted", [])
-            accepted: Any = len(stored) if brief else [t.to_dict() for t in stored]
-            reply = error_reply(exc, accepted=accepted)
+            reply = error_reply(exc, accepted=shape(stored))
         if req.get("notify"):  # push {"event": "done", ...} when each task finishes
             for task in stored:
                 self.notify[task.id] = conn
@@ -159,3 +158,17 @@ class Requests:
             if task.status is not QueueTaskStatus.FAILED:
                 raise InvalidQueueTask(f"task {task.id} is {task.status}, not a dead letter")
         return [self.broker.requeue(t).to_dict() for t in tasks]
+
+
+def _brief_ids(tasks: list[QueueTask]) -> list[list[Any]]:
+    return [[t.id, t.created_at.timestamp() if t.created_at else 0.0, t.status] for t in tasks]
+
+
+# How a publish reply describes what was admitted: whole tasks (the default), a
+# count (procqueue.Pool, which chose the ids) or [id, created_at, status] (Client).
+_REPLY_SHAPES: dict[Any, Callable[[list[QueueTask]], Any]] = {
+    "tasks": lambda tasks: [t.to_dict() for t in tasks],
+    True: len,
+    "count": len,
+    "ids": _brief_ids,
+}

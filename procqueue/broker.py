@@ -17,8 +17,8 @@ import collections
 import heapq
 import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +37,7 @@ from .task import QueueTask, QueueTaskStatus
 from .wire import CALL_TYPE
 
 Clock = Callable[[], float]
+_PENDING = QueueTaskStatus.PENDING
 log = logging.getLogger("procqueue.broker")
 
 
@@ -95,6 +96,8 @@ class Broker:
         self.clock = clock
         self.on_finish = on_finish or (lambda task: None)
         self._seq = itertools.count()
+        # Task ids: random per supervisor start + a counter; unique without a uuid4 each.
+        self._id_prefix, self._ids = os.urandom(8).hex() + "-", 0
 
     # -- publish ---------------------------------------------------------------
     def validate(self, task: QueueTask) -> QueueState:
@@ -135,7 +138,8 @@ class Broker:
         Tasks admitted before the full one stay admitted: the caller learns how
         many from the exception's ``accepted`` attribute. ``force`` ignores
         ``buffer_size`` (follow-ups published by handlers, so a full queue
-        cannot deadlock the workers that drain it).
+        cannot deadlock the workers that drain it). The task objects are taken
+        over: they become the stored tasks (no copy on this hot path).
         """
         tasks = list(tasks)
         states = [self.validate(t) for t in tasks]  # all valid, or nothing admitted
@@ -156,15 +160,13 @@ class Broker:
         return accepted
 
     def _admit(self, task: QueueTask, state: QueueState, now: float, force: bool) -> QueueTask:
-        stored = task.copy(
-            id=task.id or str(uuid.uuid4()),
-            status=QueueTaskStatus.PENDING,
-            attempt=0,
-            last_error="",
-            result=None,
-            created_at=_dt(now),
-            available_at=_dt(now + task.delay),
-        )
+        stored = task
+        if not task.id:
+            self._ids += 1
+            stored.id = f"{self._id_prefix}{self._ids:010x}"
+        stored.status, stored.attempt, stored.last_error, stored.result = _PENDING, 0, "", None
+        stored.created_at = created = _dt(now)
+        stored.available_at = _dt(now + task.delay) if task.delay else created
         state.counters.published += 1
         if self.metrics is not None:
             self.metrics.published(state.name)

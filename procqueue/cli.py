@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 failure, 2 bad usage or bad config.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -146,6 +147,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.log_level:
             passed += ["--log-level", args.log_level]
         return int(run_with_reloader(args.config, passed))
+    profile = os.environ.get("PROCQUEUE_PROFILE")
+    if profile:  # development: cProfile the supervisor (not its workers) into this file
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            code = run(config)
+        prof.dump_stats(profile)
+        return code
     return run(config)
 
 

@@ -7,6 +7,7 @@ import socket
 import socket as _socket
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 from .control import FRAME, encode_frame
 from .cron import CronTask
 from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
-from .task import QueueTask
+from .task import QueueTask, QueueTaskStatus
 
 
 class Client:
@@ -48,21 +49,23 @@ class Client:
         the rest again until ``timeout`` (None = forever); ``block=False``
         raises ``QueueFull`` (its ``accepted`` attribute lists what got in).
         """
-        todo = [t.to_dict() for t in tasks]
+        sources = list(tasks)
+        todo = [t.to_dict() for t in sources]
         stored: list[QueueTask] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
-            reply = self._call({"op": "publish", "tasks": todo}, raise_error=False)
+            # "brief": the reply is [id, created_at, status] per task, not whole tasks.
+            request = {"op": "publish", "tasks": todo, "brief": "ids"}
+            reply = self._call(request, raise_error=False)
             if "ok" in reply:
-                return stored + [QueueTask.from_dict(t) for t in reply["ok"]]
+                return stored + _stored_copies(sources[len(stored) :], reply["ok"])
             err = error_from_dict(reply["error"])
-            got = [QueueTask.from_dict(t) for t in reply.get("accepted", [])]
-            stored += got
+            stored += _stored_copies(sources[len(stored) :], reply.get("accepted", []))
             if not isinstance(err, QueueFull) or not block or _past(deadline):
                 err.accepted = stored  # type: ignore[attr-defined]
                 raise err
-            todo = todo[len(got) :]
+            todo = todo[len(reply.get("accepted", [])) :]
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
@@ -184,6 +187,25 @@ class Client:
         if size > 1 << 30:
             raise ProtocolError(f"reply of {size} bytes is implausible")
         return _recv_exact(sock, size)
+
+
+def _stored_copies(sources: list[QueueTask], brief: list[list[Any]]) -> list[QueueTask]:
+    """The stored tasks, rebuilt from what was sent and the brief reply."""
+    out = []
+    for task, (task_id, created, status) in zip(sources, brief, strict=False):
+        created_at = datetime.fromtimestamp(created, UTC)
+        out.append(
+            task.copy(
+                id=task_id,
+                status=QueueTaskStatus(status),
+                attempt=0,
+                last_error="",
+                result=None,
+                created_at=created_at,
+                available_at=created_at + timedelta(seconds=task.delay),
+            )
+        )
+    return out
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
