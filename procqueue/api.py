@@ -24,8 +24,14 @@ Reply = dict[str, Any]
 
 
 class Requests:
-    def __init__(self, broker: Broker, store: Store, status: Callable[[], dict[str, Any]]) -> None:
-        self.broker, self.store, self._status = broker, store, status
+    def __init__(
+        self,
+        broker: Broker,
+        store: Store,
+        status: Callable[[], dict[str, Any]],
+        state: Callable[[], str],
+    ) -> None:
+        self.broker, self.store, self._status, self.state = broker, store, status, state
         self.after_commit: list[tuple[Callable[[Any], None], Reply]] = []  # (send, frame)
         self.waiters: dict[str, list[Conn]] = {}
         self.notify: dict[str, Conn] = {}  # task id -> the connection that wants its outcome
@@ -44,7 +50,7 @@ class Requests:
         if op == "status":
             return {"ok": self._status()}
         if op == "ping":
-            return {"ok": {"pid": os.getpid(), "state": self._status()["state"]}}
+            return {"ok": {"pid": os.getpid(), "state": self.state()}}
         if op in ("dead_list", "dead_requeue", "dead_purge"):
             return {"ok": self._dead_letters(op, req)}
         if op in self.extra:
@@ -78,6 +84,8 @@ class Requests:
         if req.get("notify"):  # push {"event": "done", ...} when each task finishes
             for task in stored:
                 self.notify[task.id] = conn
+        if req.get("wait") and "ok" in reply and len(stored) == 1:
+            return self._wait(conn, {"id": stored[0].id, "timeout": req.get("timeout")})
         self.after_commit.append((conn.reply, reply))
         return DEFERRED
 

@@ -69,6 +69,15 @@ class Client:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
+    def run(self, task: QueueTask, timeout: float | None = None) -> QueueTask:
+        """Publish one task and wait for its outcome in a single round trip.
+
+        Returns the task as it is when it finished (or when ``timeout`` ran
+        out: check ``status``). A full queue raises ``QueueFull``.
+        """
+        request = {"op": "publish", "tasks": [task.to_dict()], "wait": True, "timeout": timeout}
+        return QueueTask.from_dict(self._call(request, io_timeout=None)["ok"])
+
     def get_task(self, task_id: str) -> QueueTask:
         return QueueTask.from_dict(self._call({"op": "get_task", "id": task_id})["ok"])
 

@@ -101,6 +101,17 @@ class WorkerPool:
                 ok = False
         return ok
 
+    def spin(self, seconds: float) -> bool:
+        """Poll the up rings for up to ``seconds``; True as soon as one has data."""
+        end = time.perf_counter() + seconds
+        rings = [h.ep.rx for h in self.by_pid.values() if h.inflight and not h.ep.closed]
+        while rings:
+            if any(ring.readable() for ring in rings):
+                return True
+            if time.perf_counter() >= end:
+                return False
+        return False
+
     def sleep_done(self) -> None:
         for handle in self.by_pid.values():
             handle.ep.sleep_done()

@@ -43,6 +43,9 @@ HANDLED_SIGNALS = (
     signal.SIGTTOU,
 )
 STATUS_EVERY = 10.0  # seconds between systemd STATUS= updates
+# While tasks run, poll the up rings this long before sleeping: a short task's
+# outcome then costs neither a doorbell write nor a wake-up. Never when idle.
+SPIN_SECONDS = 50e-6
 
 
 class SupervisorState(enum.StrEnum):
@@ -60,7 +63,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.store = open_store(config.settings.store, config.settings.sync)
         self.broker = Broker(config.queues, self.store, time.time, self._on_finish)
-        self.requests = Requests(self.broker, self.store, self.status)
+        self.requests = Requests(self.broker, self.store, self.status, lambda: self.state.value)
         self.pool = WorkerPool(config, self.broker, self.selector, self._close_in_child)
         self.pool.publish_hook = self.requests.publish_from_worker
         self.cron = CronService(
@@ -166,6 +169,8 @@ class Supervisor:
     # -- the loop ------------------------------------------------------------
     def step(self) -> None:
         timeout = self._timeout()
+        if timeout != 0 and self.pool.running() and self.pool.spin(SPIN_SECONDS):
+            timeout = 0  # an outcome arrived while we spun: no sleep, no doorbell
         if timeout != 0 and not self.pool.sleep_prepare():
             timeout = 0
         events = self.selector.select(timeout)
@@ -180,7 +185,7 @@ class Supervisor:
         if self.state is SupervisorState.RUNNING:
             self.broker.promote_due()
             self.pool.dispatch()
-        self.pool.flush()
+        self.pool.flush()  # rings first: the worker starts while we commit and reply
         self._commit()
         if self.state is SupervisorState.DRAINING and not self.pool.alive():
             self.set_state(SupervisorState.STOPPED)

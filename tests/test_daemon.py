@@ -380,3 +380,11 @@ def test_second_sigint_stops_fast(daemon):
     assert daemon.stop(signal.SIGINT) == 0
     assert time.monotonic() - started < 5
     assert "fast stop" in daemon.logs()
+
+
+def test_client_run_publishes_and_waits_in_one_call(daemon):
+    client = daemon.client()
+    done = client.run(QueueTask(queue="default", type="echo", payload=marshal_payload([1])))
+    assert done.status is OK and done.result["payload"] == [1]
+    pending = client.run(QueueTask(queue="default", type="stamp", delay=5), timeout=0.2)
+    assert pending.status is QueueTaskStatus.PENDING
