@@ -91,6 +91,8 @@ class Task:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the call and return its result; raise ``TaskFailed`` if it failed."""
+        if not self._done.is_set() and self._pool._outbox:
+            self._pool._send_outbox()
         if not self._done.wait(timeout):
             raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
         if not self._ok:
@@ -128,6 +130,7 @@ class Pool:
         self._outbox: collections.deque[dict[str, Any]] = collections.deque()
         self._batches: collections.deque[list[dict[str, Any]]] = collections.deque()
         self._wake = threading.Condition()
+        self._send_lock = threading.Lock()
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._client: Client | None = None
@@ -299,21 +302,30 @@ class Pool:
 
     def _send_loop(self) -> None:
         """Ship everything queued so far as one publish; never wait for replies."""
-        assert self._sock is not None
         while not self._closing:
             with self._wake:
                 while not self._outbox and not self._closing:
                     self._wake.wait()
+            if not self._send_outbox():
+                return
+
+    def _send_outbox(self) -> bool:
+        """Send the queued calls as one publish (also called by ``Task.result``, so a
+        lone ``run(...).result()`` does not wait for the sender thread to wake)."""
+        assert self._sock is not None
+        with self._send_lock:  # batches go on the wire in the order of ``_batches``
+            with self._wake:
                 batch = list(self._outbox)
                 self._outbox.clear()
             if not batch:
-                continue
+                return True
             self._batches.append(batch)
             request = {"op": "publish", "tasks": batch, "notify": True, "brief": True}
             try:
                 self._sock.sendall(encode_frame(request))
             except OSError:
-                return
+                return False
+        return True
 
     def _read_loop(self) -> None:
         assert self._sock is not None
