@@ -50,7 +50,7 @@ class Client:
         raises ``QueueFull`` (its ``accepted`` attribute lists what got in).
         """
         sources = list(tasks)
-        todo = [t.to_dict() for t in sources]
+        todo = [t.to_publish_dict() for t in sources]
         stored: list[QueueTask] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
@@ -75,7 +75,8 @@ class Client:
         Returns the task as it is when it finished (or when ``timeout`` ran
         out: check ``status``). A full queue raises ``QueueFull``.
         """
-        request = {"op": "publish", "tasks": [task.to_dict()], "wait": True, "timeout": timeout}
+        request = {"op": "publish", "tasks": [task.to_publish_dict()], "wait": True,
+                   "timeout": timeout}
         return QueueTask.from_dict(self._call(request, io_timeout=None)["ok"])
 
     def get_task(self, task_id: str) -> QueueTask:

@@ -104,6 +104,23 @@ class QueueTask:
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
 
+    def to_publish_dict(self) -> dict[str, Any]:
+        """What a publish needs: the fields a client sets, defaults left out
+        (the supervisor fills in status and times; this keeps frames small)."""
+        out: dict[str, Any] = {"queue": self.queue, "type": self.type}
+        if self.id:
+            out["id"] = self.id
+        if self.payload:
+            out["payload"] = base64.b64encode(self.payload).decode()
+        if self.key:
+            out["key"] = self.key
+        if self.headers:
+            out["headers"] = self.headers
+        for name in ("delay", "timeout", "max_retry"):
+            if value := getattr(self, name):
+                out[name] = value
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QueueTask:
         if not isinstance(data, dict):
