@@ -75,8 +75,12 @@ class Client:
         Returns the task as it is when it finished (or when ``timeout`` ran
         out: check ``status``). A full queue raises ``QueueFull``.
         """
-        request = {"op": "publish", "tasks": [task.to_publish_dict()], "wait": True,
-                   "timeout": timeout}
+        request = {
+            "op": "publish",
+            "tasks": [task.to_publish_dict()],
+            "wait": True,
+            "timeout": timeout,
+        }
         return QueueTask.from_dict(self._call(request, io_timeout=None)["ok"])
 
     def get_task(self, task_id: str) -> QueueTask:

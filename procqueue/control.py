@@ -17,7 +17,7 @@ import os
 import selectors
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,15 +169,7 @@ class ControlServer:
         selector.register(self.listener, selectors.EVENT_READ, self._accept)
 
     def _accept(self, mask: int) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and the like: log, keep serving
-                log.warning("control socket: accept failed: %s", exc)
-                return
-            sock.setblocking(False)
+        for sock in accept_all(self.listener, "control socket"):
             conn = Conn(self, sock)
             self.conns.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
@@ -196,6 +188,20 @@ class ControlServer:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def accept_all(listener: socket.socket, what: str) -> Iterator[socket.socket]:
+    """Every connection waiting on a non-blocking listener, made non-blocking."""
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and the like: log, keep serving
+            log.warning("%s: accept failed: %s", what, exc)
+            return
+        sock.setblocking(False)
+        yield sock
 
 
 def _listen(path: Path, mode: int) -> socket.socket:

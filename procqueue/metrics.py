@@ -44,6 +44,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .control import accept_all
+
 log = logging.getLogger("procqueue.metrics")
 
 RUN_SECONDS_BUCKETS = (
@@ -258,15 +260,7 @@ class MetricsServer:
         selector.register(self.listener, selectors.EVENT_READ, self._accept)
 
     def _accept(self, mask: int) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and the like: log, keep serving
-                log.warning("metrics: accept failed: %s", exc)
-                return
-            sock.setblocking(False)
+        for sock in accept_all(self.listener, "metrics"):
             if len(self.conns) >= MAX_CONNECTIONS:
                 oldest = next(iter(self.conns))
                 log.debug("metrics: %d connections open, dropping the oldest", len(self.conns))

@@ -28,20 +28,13 @@ from .control import ControlServer
 from .errors import ConfigError
 from .pool import WorkerPool
 from .scheduler import CronService
+from .spawn import SUPERVISOR_SIGNALS
 from .store import open_store
 from .systemd import Notifier
 
 log = logging.getLogger("procqueue.supervisor")
 
-HANDLED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGCHLD,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-)
+HANDLED_SIGNALS = tuple(sorted(SUPERVISOR_SIGNALS))
 STATUS_EVERY = 10.0  # seconds between systemd STATUS= updates
 # While tasks run, poll the up rings this long before sleeping: a short task's
 # outcome then costs neither a doorbell write nor a wake-up. Never when idle.
