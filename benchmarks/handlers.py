@@ -1,19 +1,22 @@
 """Task bodies for the benchmark: procqueue handlers and their plain twins.
 
 The daemon's workers import this module (the repo root is on the config's
-``pythonpath``); the process pools pickle the plain functions by reference.
+``pythonpath``); the process pools pickle the plain functions by reference and
+``procqueue.Pool`` names them by import path.
 Every system runs the very same ``spin`` loop for the CPU-bound tasks, with an
 iteration count calibrated once in the benchmark process to ~10 ms.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from procqueue import Context, QueueTask
 
 CPU_SECONDS = 0.010
+HOLD_SECONDS = 600.0
 
 
 def spin(iterations: int) -> int:
@@ -43,8 +46,24 @@ def cpu10ms(ctx: Context, task: QueueTask) -> None:
         busy_for(CPU_SECONDS)
 
 
+def stamp(ctx: Context, task: QueueTask) -> float:
+    """procqueue handler: the wall time (``time.time()``) at which it started."""
+    return time.time()
+
+
+def hold(ctx: Context, task: QueueTask) -> None:
+    """procqueue handler: block its worker until the file named by the payload exists.
+
+    Gives up after ``HOLD_SECONDS``; the benchmark creates the file to let go.
+    """
+    path = (task.payload or b"").decode()
+    end = time.monotonic() + HOLD_SECONDS
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def noop_plain(arg: Any = None) -> None:
-    """The no-op for ProcessPoolExecutor and multiprocessing.Pool."""
+    """The no-op for ProcessPoolExecutor, multiprocessing.Pool and procqueue.Pool."""
 
 
 def cpu_plain(iterations: int) -> None:

@@ -2,180 +2,108 @@
 
 Run from the repository root::
 
-    python -m benchmarks                  # full run, under a minute on 2 cores
-    python -m benchmarks --quick          # tiny sizes, one repetition (smoke test)
-    python -m benchmarks --json r.json    # also write every figure as JSON
+    python -m benchmarks                      # full run, 2-3 minutes on 2 cores
+    python -m benchmarks --quick              # tiny sizes, one repetition (smoke test)
+    python -m benchmarks --json r.json        # also write every figure as JSON
+    python -m benchmarks --chart r.png        # and a chart (matplotlib, the [bench] extra)
+    python -m benchmarks --sections noop,latency   # a subset
 
-Three sections; inside each, the systems are measured interleaved
-(A B C, A B C, ...) ``--repeat`` times on the same machine in the same run:
+Six sections; inside each, the systems are measured interleaved (A B C,
+A B C, ...) ``--repeat`` times on the same machine in the same run, and
+reported as median and min-max (latencies: p50/p99 over every sample):
 
-1. no-op tasks, 2 workers: the procqueue daemon (memory store, prefetch 0 and
-   prefetch 8, ``buffer_size`` large enough that publish never pushes back),
-   fed with ``Client.publish_many`` in batches, timed from the first publish
-   until ``Client.wait`` returns the last task and ``status()`` then counts
-   every task succeeded (re-polled every 2 ms if one is still running); versus
-   ``ProcessPoolExecutor(2).submit`` per task and
-   ``multiprocessing.Pool(2).imap_unordered(..., chunksize=1)``.
-2. CPU-bound ~10 ms tasks (a pure-Python loop calibrated once here), 2
-   workers: procqueue versus ``ProcessPoolExecutor(2)`` versus a bare-fork
-   ceiling (2 forked processes running N/2 tasks each, no transport).
-3. latency with one idle worker: publish one task and ``Client.wait`` for it,
-   versus ``ProcessPoolExecutor(1).submit(...).result()``; p50/p99 in µs.
+1. ``noop``: no-op tasks, 2 workers: the procqueue daemon (memory store,
+   prefetch 0, 8 and 64; SQLite store, prefetch 64; ``buffer_size`` large
+   enough that publish never pushes back), fed with ``Client.publish_many``
+   in batches, timed from the first publish until ``Client.wait`` returns
+   the last task and ``status()`` then counts every task succeeded
+   (re-polled every 2 ms if one is still running); versus
+   ``ProcessPoolExecutor(2)`` ``submit`` per task and ``map`` with chunksize
+   1 and 256, and ``multiprocessing.Pool(2)`` ``apply_async`` per task and
+   ``imap_unordered(..., chunksize=1)``.
+2. ``cpu``: CPU-bound ~10 ms tasks (a pure-Python loop calibrated once
+   here), 2 workers: procqueue versus ``ProcessPoolExecutor(2)`` versus a
+   bare-fork ceiling (2 forked processes running N/2 tasks each).
+3. ``latency`` with one idle worker: daemon publish + ``Client.wait``,
+   ``procqueue.Pool(1).run(noop).result()`` and
+   ``ProcessPoolExecutor(1).submit(noop).result()`` round trips; and the
+   daemon's one-way "publish -> handler start": the client's ``time.time()``
+   just before ``publish`` against the handler's ``time.time()`` at entry
+   (same machine clock), returned as the task's result.
+4. ``pool``: ``procqueue.Pool(2)`` ``run``/``map`` against the stdlib pools
+   (see ``embedded_pool.py``).
+5. ``rss``: the supervisor's RSS while a backlog piles up behind a held
+   worker, SQLite versus memory store (see ``rss.py``).
+6. ``transport``: frames/s between two forked processes through
+   ``procqueue.ring.Channel`` versus pipes and ``multiprocessing`` (see
+   ``transport.py``).
 
 Each procqueue configuration runs in its own daemon (``procqueue.cli run``
-on a temporary config), all started up front and stopped with SIGTERM at the
-end; an idle daemon sleeps on its sockets, so it does not disturb the others.
-Pools are created, warmed up, then timed; startup is never timed.
+on a temporary config), started when its section starts and stopped with
+SIGTERM when it ends. Pools are created, warmed up, then timed; startup is
+never timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
+import functools
 import json
-import multiprocessing
 import os
 import platform
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import procqueue
 from procqueue import Client, QueueTask, QueueTaskStatus
 
-from . import handlers
+from . import baselines, handlers
+from .daemons import CTX, QUEUE, ROOT, RUN_TIMEOUT, WORKERS, DaemonSpec, daemon
+from .embedded_pool import run_pool
+from .rss import rss_table, run_rss
+from .stats import (
+    interleaved,
+    interleaved_samples,
+    latency_summary,
+    latency_table,
+    median_ratio,
+    summary,
+    throughput_table,
+)
+from .transport import run_transport, transport_table
 
-ROOT = Path(__file__).resolve().parent.parent
-QUEUE = "bench"
-WORKERS = 2
-BUFFER_SIZE = 1_000_000
+SECTIONS = ("noop", "cpu", "latency", "pool", "rss", "transport")
 BATCH = 1000
-READY_TIMEOUT = 10.0
-RUN_TIMEOUT = 300.0
-CTX = multiprocessing.get_context("fork")  # procqueue forks its workers too
 
 NOOP_PQ0 = "procqueue prefetch=0"
 NOOP_PQ8 = "procqueue prefetch=8"
-NOOP_SQLITE = "procqueue sqlite prefetch=8"
+NOOP_PQ64 = "procqueue prefetch=64"
+NOOP_SQLITE = "procqueue sqlite prefetch=64"
+PQ_VARIANTS = {  # label -> daemon (memory store unless it says sqlite)
+    NOOP_PQ0: ("noop-p0", 0),
+    NOOP_PQ8: ("noop-p8", 8),
+    NOOP_PQ64: ("noop-p64", 64),
+    NOOP_SQLITE: ("noop-sqlite", 64),
+}
 PPE = "ProcessPoolExecutor(2).submit"
-MP_POOL = "multiprocessing.Pool(2).imap_unordered"
+PPE_MAP1 = "ProcessPoolExecutor(2).map(chunksize=1)"
+PPE_MAP256 = "ProcessPoolExecutor(2).map(chunksize=256)"
+MP_APPLY = "multiprocessing.Pool(2).apply_async"
+MP_POOL = "multiprocessing.Pool(2).imap_unordered(chunksize=1)"
 CPU_PQ = "procqueue"
 CPU_PPE = "ProcessPoolExecutor(2).submit"
 CEILING = "bare fork ceiling"
 LAT_PQ = "procqueue publish+wait"
+LAT_POOL = "procqueue.Pool(1).run().result()"
 LAT_PPE = "ProcessPoolExecutor(1).submit().result()"
-
-
-# ------------------------------------------------------------------ the daemon
-
-
-def write_config(
-    workdir: Path, name: str, concurrency: int, prefetch: int, store: str = "memory"
-) -> tuple[Path, Path]:
-    """A daemon config with one queue ``bench`` running both handlers."""
-    socket_path = workdir / f"{name}.sock"
-    config = workdir / f"{name}.toml"
-    config.write_text(
-        f"""[procqueue]
-store = {json.dumps(store)}
-socket = {json.dumps(str(socket_path))}
-pythonpath = [{json.dumps(str(ROOT))}]
-shutdown_timeout = "10s"
-log_level = "warning"
-
-[queues."{QUEUE}"]
-concurrency = {concurrency}
-prefetch = {prefetch}
-buffer_size = {BUFFER_SIZE}
-
-[queues."{QUEUE}".handlers]
-"noop" = "benchmarks.handlers:noop"
-"cpu10ms" = "benchmarks.handlers:cpu10ms"
-"""
-    )
-    return config, socket_path
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_ready(proc: subprocess.Popen[bytes], socket_path: Path, log: Path) -> None:
-    """Until the daemon answers ``ping`` and every worker has booted."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    pinged = False
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            with Client(socket_path, timeout=5) as client:
-                client.ping()
-                pinged = True
-                workers = client.status()["queues"][QUEUE]["workers"]
-        except Exception:
-            time.sleep(0.02)
-            continue
-        if all(w["state"] == "idle" for w in workers):
-            return
-        time.sleep(0.02)
-    what = "workers not idle" if pinged else "no answer to ping"
-    raise RuntimeError(f"daemon not ready after {READY_TIMEOUT:g}s ({what}):\n{log_tail(log)}")
-
-
-def stop_daemon(proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
-    """SIGTERM and wait; SIGKILL the group if it does not exit (and say so)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    start = time.monotonic()
-    try:
-        code = proc.wait(15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-        print(f"warning: daemon {name} ignored SIGTERM for 15s:\n{log_tail(log)}", file=sys.stderr)
-        return
-    took = time.monotonic() - start
-    logged = log.exists() and log.stat().st_size > 0  # log_level "warning": normally empty
-    if code != 0 or took > 2.0 or logged:
-        print(
-            f"warning: daemon {name} exited {code} {took:.1f}s after SIGTERM; its log:\n"
-            f"{log_tail(log)}",
-            file=sys.stderr,
-        )
-
-
-@contextlib.contextmanager
-def daemon(
-    workdir: Path, name: str, concurrency: int, prefetch: int, store: str = "memory"
-) -> Iterator[Path]:
-    """Run a daemon for the duration of the block; yields its socket path."""
-    config, socket_path = write_config(workdir, name, concurrency, prefetch, store)
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "procqueue.cli", "run", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    try:
-        wait_ready(proc, socket_path, log)
-        yield socket_path
-    finally:
-        stop_daemon(proc, name, log)
+LAT_STAMP = "procqueue publish -> handler start (one way)"
 
 
 # ------------------------------------------------------------------ procqueue
@@ -225,82 +153,34 @@ def pq_latency(socket_path: Path, samples: int, warmup: int = 20) -> list[float]
     return out
 
 
-# ------------------------------------------------------------------ baselines
-
-
-def ppe_throughput(fn: Callable[[Any], None], arg: Any, n: int, workers: int) -> float:
-    """Seconds to submit n calls to a warm ProcessPoolExecutor and wait for all."""
-    with cf.ProcessPoolExecutor(workers, mp_context=CTX) as pool:
-        for future in [pool.submit(handlers.noop_plain) for _ in range(4 * workers)]:
-            future.result()
-        start = time.perf_counter()
-        futures = [pool.submit(fn, arg) for _ in range(n)]
-        cf.wait(futures)
-        elapsed = time.perf_counter() - start
-        for future in futures:
-            future.result()
-    return elapsed
-
-
-def mp_pool_throughput(n: int, workers: int) -> float:
-    """Seconds for ``imap_unordered(noop, range(n), chunksize=1)`` on a warm Pool."""
-    with CTX.Pool(workers) as pool:
-        for _ in pool.imap_unordered(handlers.noop_plain, range(4 * workers), chunksize=1):
-            pass
-        start = time.perf_counter()
-        for _ in pool.imap_unordered(handlers.noop_plain, range(n), chunksize=1):
-            pass
-        return time.perf_counter() - start
-
-
-def fork_ceiling(n: int, iterations: int, workers: int) -> float:
-    """Seconds for ``workers`` forked processes to run n tasks between them, no transport.
-
-    The children are forked first and wait on a pipe, so the fork is not timed
-    (as the pools and the daemon are warm when their timing starts).
-    """
-    shares = [n // workers + (i < n % workers) for i in range(workers)]
-    go_r, go_w = os.pipe()
-    pids = []
-    try:
-        for share in shares:
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    os.close(go_w)
-                    if os.read(go_r, 1):
-                        for _ in range(share):
-                            handlers.cpu_plain(iterations)
-                        code = 0
-                finally:
-                    os._exit(code)
-            pids.append(pid)
-        start = time.perf_counter()
-        os.write(go_w, b"g" * workers)
-    finally:
-        os.close(go_r)
-        os.close(go_w)  # a child still waiting (fork failed midway) reads EOF and exits
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"bare fork child exited {os.waitstatus_to_exitcode(status)}")
-    return time.perf_counter() - start
-
-
-def ppe_latency(samples: int, warmup: int = 20) -> list[float]:
+def pq_start_latency(socket_path: Path, samples: int, warmup: int = 20) -> list[float]:
+    """One way: wall time just before ``publish`` until the ``stamp`` handler starts."""
     out: list[float] = []
-    with cf.ProcessPoolExecutor(1, mp_context=CTX) as pool:
+    with Client(socket_path, timeout=30) as client:
         for i in range(warmup + samples):
-            start = time.perf_counter()
-            pool.submit(handlers.noop_plain).result()
-            elapsed = time.perf_counter() - start
+            sent = time.time()
+            stored = client.publish(QueueTask(queue=QUEUE, type="stamp"))
+            done = client.wait(stored.id, timeout=30)
+            if done.status is not QueueTaskStatus.SUCCEEDED or done.result is None:
+                raise RuntimeError(f"procqueue: stamp task {done.status}: {done.last_error}")
             if i >= warmup:
-                out.append(elapsed)
+                out.append(float(done.result) - sent)
     return out
 
 
-# ------------------------------------------------------------------ measuring
+def pool_latency(pool: procqueue.Pool, samples: int, warmup: int = 20) -> list[float]:
+    """Round trips ``pool.run(noop).result()`` in seconds."""
+    out: list[float] = []
+    for i in range(warmup + samples):
+        start = time.perf_counter()
+        pool.run(handlers.noop_plain).result(30)
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            out.append(elapsed)
+    return out
+
+
+# ------------------------------------------------------------------ sections
 
 
 def calibrate(target: float = handlers.CPU_SECONDS) -> tuple[int, float]:
@@ -320,67 +200,73 @@ def calibrate(target: float = handlers.CPU_SECONDS) -> tuple[int, float]:
     return iterations, best_of(iterations)
 
 
-def interleaved(
-    section: str, systems: dict[str, Callable[[], float]], n: int, repeat: int
-) -> dict[str, list[float]]:
-    """Run each system once per repetition, in turn; tasks/s per run."""
-    rates: dict[str, list[float]] = {name: [] for name in systems}
-    for rep in range(repeat):
-        for name, run in systems.items():
-            rate = n / run()
-            rates[name].append(rate)
-            print(f"  {section} {rep + 1}/{repeat}  {name}: {rate:,.0f} tasks/s", file=sys.stderr)
-    return rates
+def noop_daemons(workdir: Path, stack: contextlib.ExitStack) -> dict[str, Path]:
+    """Start one daemon per procqueue variant; socket path by label."""
+    sockets = {}
+    for label, (name, prefetch) in PQ_VARIANTS.items():
+        store = f"sqlite:///{workdir}/bench.db" if "sqlite" in label else "memory"
+        spec = DaemonSpec(name, prefetch=prefetch, store=store)
+        sockets[label] = stack.enter_context(daemon(workdir, spec))
+    return sockets
 
 
-def summary(rates: list[float]) -> dict[str, Any]:
-    return {
-        "tasks_per_s": rates,
-        "median_tasks_per_s": statistics.median(rates),
-        "min_tasks_per_s": min(rates),
-        "max_tasks_per_s": max(rates),
+def noop_ratios(result: dict[str, Any]) -> tuple[str, dict[str, float], dict[str, float]]:
+    """The best procqueue variant; printed ratios; every variant against every baseline."""
+    baselines_ = [name for name in result if name not in PQ_VARIANTS]
+    best = max(PQ_VARIANTS, key=lambda name: result[name]["median_tasks_per_s"])
+    shown = {f"{NOOP_SQLITE} / {NOOP_PQ64}": median_ratio(result, NOOP_SQLITE, NOOP_PQ64, "tasks")}
+    shown |= {
+        f"best procqueue ({best}) / {b}": median_ratio(result, best, b, "tasks") for b in baselines_
     }
-
-
-def percentile(samples: list[float], pct: int) -> float:
-    if len(samples) < 2:
-        return samples[0]
-    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
-
-
-def run_noop(sockets: dict[str, Path], n: int, repeat: int) -> dict[str, Any]:
-    for name in ("noop-p0", "noop-p8", "noop-sqlite"):
-        pq_throughput(sockets[name], "noop", min(n, 500), None)  # warm-up
-    systems: dict[str, Callable[[], float]] = {
-        NOOP_PQ0: lambda: pq_throughput(sockets["noop-p0"], "noop", n, None),
-        NOOP_PQ8: lambda: pq_throughput(sockets["noop-p8"], "noop", n, None),
-        NOOP_SQLITE: lambda: pq_throughput(sockets["noop-sqlite"], "noop", n, None),
-        PPE: lambda: ppe_throughput(handlers.noop_plain, None, n, WORKERS),
-        MP_POOL: lambda: mp_pool_throughput(n, WORKERS),
+    every = {
+        f"{pq} / {b}": median_ratio(result, pq, b, "tasks")
+        for pq in PQ_VARIANTS
+        for b in baselines_
     }
-    rates = interleaved("no-op", systems, n, repeat)
+    return best, shown, every
+
+
+def run_noop(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        sockets = noop_daemons(workdir, stack)
+        for socket_path in sockets.values():
+            pq_throughput(socket_path, "noop", min(n, 500), None)  # warm-up
+        systems: dict[str, Callable[[], float]] = {
+            label: functools.partial(pq_throughput, path, "noop", n, None)
+            for label, path in sockets.items()
+        }
+        systems |= {
+            PPE: lambda: baselines.ppe_throughput(handlers.noop_plain, None, n, WORKERS),
+            PPE_MAP1: lambda: baselines.ppe_map(n, WORKERS, 1),
+            PPE_MAP256: lambda: baselines.ppe_map(n, WORKERS, 256),
+            MP_APPLY: lambda: baselines.mp_apply_async(n, WORKERS),
+            MP_POOL: lambda: baselines.mp_pool_throughput(n, WORKERS),
+        }
+        rates = interleaved("no-op", systems, n, repeat)
     result = {name: summary(r) for name, r in rates.items()}
-    ratios = {
-        f"{pq} / {base}": result[pq]["median_tasks_per_s"] / result[base]["median_tasks_per_s"]
-        for pq in (NOOP_PQ0, NOOP_PQ8, NOOP_SQLITE)
-        for base in (PPE, MP_POOL)
+    best, shown, every = noop_ratios(result)
+    return {
+        "tasks": n,
+        "workers": WORKERS,
+        "batch": BATCH,
+        "systems": result,
+        "best_procqueue": best,
+        "ratios": shown,
+        "ratios_all": every,
     }
-    ratios[f"{NOOP_SQLITE} / {NOOP_PQ8}"] = (
-        result[NOOP_SQLITE]["median_tasks_per_s"] / result[NOOP_PQ8]["median_tasks_per_s"]
-    )
-    return {"tasks": n, "workers": WORKERS, "batch": BATCH, "systems": result, "ratios": ratios}
 
 
-def run_cpu(socket_path: Path, n: int, repeat: int) -> dict[str, Any]:
+def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
     iterations, seconds = calibrate()
     payload = str(iterations).encode()
-    pq_throughput(socket_path, "cpu10ms", min(n, 10), payload)  # warm-up
-    systems: dict[str, Callable[[], float]] = {
-        CPU_PQ: lambda: pq_throughput(socket_path, "cpu10ms", n, payload),
-        CPU_PPE: lambda: ppe_throughput(handlers.cpu_plain, iterations, n, WORKERS),
-        CEILING: lambda: fork_ceiling(n, iterations, WORKERS),
-    }
-    rates = interleaved("cpu", systems, n, repeat)
+    with daemon(workdir, DaemonSpec("cpu")) as socket_path:
+        pq_throughput(socket_path, "cpu10ms", min(n, 10), payload)  # warm-up
+        systems: dict[str, Callable[[], float]] = {
+            CPU_PQ: lambda: pq_throughput(socket_path, "cpu10ms", n, payload),
+            CPU_PPE: lambda: baselines.ppe_throughput(handlers.cpu_plain, iterations, n, WORKERS),
+            CEILING: lambda: baselines.fork_ceiling(n, iterations, WORKERS),
+        }
+        rates = interleaved("cpu", systems, n, repeat)
     result = {name: summary(r) for name, r in rates.items()}
     ceiling = result[CEILING]["median_tasks_per_s"]
     for info in result.values():
@@ -393,104 +279,113 @@ def run_cpu(socket_path: Path, n: int, repeat: int) -> dict[str, Any]:
         "ideal_tasks_per_s": WORKERS / seconds,
         "systems": result,
         "ratios": {
-            f"{CPU_PQ} / {CPU_PPE}": result[CPU_PQ]["median_tasks_per_s"]
-            / result[CPU_PPE]["median_tasks_per_s"],
+            f"{CPU_PQ} / {CPU_PPE}": median_ratio(result, CPU_PQ, CPU_PPE, "tasks"),
             f"{CPU_PQ} / {CEILING}": result[CPU_PQ]["fraction_of_ceiling"],
         },
     }
 
 
-def run_latency(socket_path: Path, samples: int, repeat: int) -> dict[str, Any]:
-    systems: dict[str, Callable[[], list[float]]] = {
-        LAT_PQ: lambda: pq_latency(socket_path, samples),
-        LAT_PPE: lambda: ppe_latency(samples),
-    }
-    pooled: dict[str, list[float]] = {name: [] for name in systems}
-    p50s: dict[str, list[float]] = {name: [] for name in systems}
-    for rep in range(repeat):
-        for name, run in systems.items():
-            got = run()
-            pooled[name] += got
-            p50s[name].append(statistics.median(got) * 1e6)
-            print(
-                f"  latency {rep + 1}/{repeat}  {name}: p50 {p50s[name][-1]:,.0f} µs",
-                file=sys.stderr,
-            )
-    result: dict[str, dict[str, Any]] = {
-        name: {
-            "samples": len(values),
-            "p50_us": statistics.median(values) * 1e6,
-            "p99_us": percentile(values, 99) * 1e6,
-            "p50_us_per_run": p50s[name],
-            "median_tasks_per_s": 1 / statistics.median(values),
+def run_latency(workdir: Path, samples: int, repeat: int) -> dict[str, Any]:
+    """One idle worker each; the Pool is created once for the section (not timed)."""
+    spec = DaemonSpec("latency", concurrency=1)
+    with daemon(workdir, spec) as socket_path, procqueue.Pool(workers=1) as pool:
+        systems: dict[str, Callable[[], list[float]]] = {
+            LAT_PQ: lambda: pq_latency(socket_path, samples),
+            LAT_POOL: lambda: pool_latency(pool, samples),
+            LAT_PPE: lambda: baselines.ppe_latency(samples),
+            LAT_STAMP: lambda: pq_start_latency(socket_path, samples),
         }
-        for name, values in pooled.items()
-    }
-    ratio = result[LAT_PQ]["p50_us"] / result[LAT_PPE]["p50_us"]
+        runs = interleaved_samples("latency", systems, repeat)
+    result = {name: latency_summary(r, round_trip=name != LAT_STAMP) for name, r in runs.items()}
+    p50 = {name: info["p50_us"] for name, info in result.items()}
     return {
         "samples_per_run": samples,
         "systems": result,
-        "ratios": {f"{LAT_PQ} p50 / {LAT_PPE} p50": ratio},
+        "ratios": {
+            f"{LAT_PQ} p50 / {LAT_PPE} p50": p50[LAT_PQ] / p50[LAT_PPE],
+            f"{LAT_POOL} p50 / {LAT_PPE} p50": p50[LAT_POOL] / p50[LAT_PPE],
+            f"{LAT_STAMP} p50 / {LAT_PQ} p50": p50[LAT_STAMP] / p50[LAT_PQ],
+        },
     }
 
 
 # ------------------------------------------------------------------ output
 
 
-def throughput_table(title: str, section: dict[str, Any], ceiling: bool = False) -> list[str]:
-    extra = f"  {'of ceiling':>10}" if ceiling else ""
-    lines = [
-        title,
-        f"  {'system':<44}{'median/s':>10}{'min/s':>10}{'max/s':>10}{extra}",
-    ]
-    for name, info in section["systems"].items():
-        row = (
-            f"  {name:<44}{info['median_tasks_per_s']:>10,.0f}"
-            f"{info['min_tasks_per_s']:>10,.0f}{info['max_tasks_per_s']:>10,.0f}"
-        )
-        if ceiling:
-            row += f"  {info['fraction_of_ceiling']:>10.1%}"
-        lines.append(row)
-    lines += ["  ratios of medians:"]
-    lines += [f"    {name}: {value:.2f}x" for name, value in section["ratios"].items()]
-    return lines
+def render_noop(section: dict[str, Any], runs: str) -> list[str]:
+    title = (
+        f"1. no-op tasks: N={section['tasks']:,}, {WORKERS} workers, "
+        f"publish_many batches of {BATCH}; {runs}"
+    )
+    return throughput_table(title, section)
 
 
-def latency_table(title: str, section: dict[str, Any]) -> list[str]:
-    lines = [title, f"  {'system':<44}{'p50 µs':>10}{'p99 µs':>10}  p50 per run µs"]
-    for name, info in section["systems"].items():
-        runs = ", ".join(f"{v:,.0f}" for v in info["p50_us_per_run"])
-        lines.append(f"  {name:<44}{info['p50_us']:>10,.0f}{info['p99_us']:>10,.0f}  {runs}")
-    lines += [f"  {name}: {value:.2f}x" for name, value in section["ratios"].items()]
-    return lines
+def render_cpu(section: dict[str, Any], runs: str) -> list[str]:
+    title = (
+        f"2. CPU-bound tasks: N={section['tasks']}, {WORKERS} workers, "
+        f"spin({section['spin_iterations']:,}) = {section['task_ms_measured']:.1f} ms alone, "
+        f"so {WORKERS} x 1/task = {section['ideal_tasks_per_s']:.0f}/s; {runs}"
+    )
+    return throughput_table(title, section, ceiling=True)
+
+
+def render_latency(section: dict[str, Any], runs: str) -> list[str]:
+    title = (
+        f"3. latency, one idle worker: {section['samples_per_run']} samples per run; {runs}; "
+        "the one-way line compares time.time() before publish with the handler's"
+    )
+    return latency_table(title, section)
+
+
+def render_pool(section: dict[str, Any], runs: str) -> list[str]:
+    title = (
+        f"4. procqueue.Pool(workers={WORKERS}) (default config: prefetch "
+        f"{section['pool_prefetch']}; created once for the section, not timed): "
+        f"run N={section['run_tasks']:,}; map M={section['map_items']:,} "
+        f"chunksize={section['chunksize']}; {runs}"
+    )
+    return throughput_table(title, section)
+
+
+def render_rss(section: dict[str, Any], runs: str) -> list[str]:
+    title = (
+        f"5. supervisor RSS, tasks piling up behind one held worker: up to "
+        f"{section['tasks']:,} tasks in batches of {section['batch']:,}, sampled every "
+        f"{section['every']:,}; one run per store"
+    )
+    return rss_table(title, section)
+
+
+def render_transport(section: dict[str, Any], runs: str) -> list[str]:
+    title = (
+        f"6. transport, one way between two forked processes: {section['frames']:,} frames "
+        f"of 100 B, {section['large_frames']:,} of 4 KiB; {runs}"
+    )
+    return transport_table(title, section)
+
+
+RENDER: dict[str, Callable[[dict[str, Any], str], list[str]]] = {
+    "noop": render_noop,
+    "cpu": render_cpu,
+    "latency": render_latency,
+    "pool": render_pool,
+    "rss": render_rss,
+    "transport": render_transport,
+}
 
 
 def render(results: dict[str, Any]) -> str:
-    meta, noop, cpu, lat = results["meta"], results["noop"], results["cpu"], results["latency"]
+    meta = results["meta"]
     runs = f"{meta['repeat']} run(s) each, interleaved"
     lines = [
         f"procqueue benchmark  {meta['revision'] or 'unknown revision'}  "
         f"python {meta['python']}  {meta['cpus']} CPUs  {meta['machine']}",
-        "",
-        *throughput_table(
-            f"1. no-op tasks: N={noop['tasks']:,}, {WORKERS} workers, "
-            f"publish_many batches of {BATCH}; {runs}",
-            noop,
-        ),
-        "",
-        *throughput_table(
-            f"2. CPU-bound tasks: N={cpu['tasks']}, {WORKERS} workers, "
-            f"spin({cpu['spin_iterations']:,}) = {cpu['task_ms_measured']:.1f} ms alone, "
-            f"so {WORKERS} x 1/task = {cpu['ideal_tasks_per_s']:.0f}/s; {runs}",
-            cpu,
-            ceiling=True,
-        ),
-        "",
-        *latency_table(
-            f"3. latency, one idle worker: {lat['samples_per_run']} round trips per run; {runs}",
-            lat,
-        ),
     ]
+    for name in SECTIONS:
+        if name in results:
+            lines += ["", *RENDER[name](results[name], runs)]
+    seconds = ", ".join(f"{k} {v:.0f}" for k, v in meta["section_seconds"].items())
+    lines += ["", f"wall time per section (s): {seconds}"]
     return "\n".join(lines)
 
 
@@ -514,58 +409,98 @@ def git_revision() -> str:
     return head + ("+dirty" if head and dirty else "")
 
 
+SIZES = ("tasks", "cpu_tasks", "latency_samples", "map_items", "rss_tasks", "frames", "repeat")
+QUICK = {
+    "tasks": 300,
+    "cpu_tasks": 10,
+    "latency_samples": 20,
+    "map_items": 5_000,
+    "rss_tasks": 20_000,
+    "frames": 5_000,
+    "repeat": 1,
+}
+
+
+def parse_sections(value: str) -> list[str]:
+    chosen = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown) or '(none)'}; choose from {','.join(SECTIONS)}"
+        )
+    return [s for s in SECTIONS if s in chosen]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description="procqueue throughput and latency benchmark"
     )
-    parser.add_argument("-n", "--tasks", type=int, default=20_000, help="no-op tasks per run")
-    parser.add_argument("--cpu-tasks", type=int, default=200, help="CPU-bound tasks per run")
-    parser.add_argument("--latency-samples", type=int, default=300, help="round trips per run")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each system")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run (smoke test)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write all results as JSON")
+    add = parser.add_argument
+    add("-n", "--tasks", type=int, default=30_000, help="no-op tasks per run (also Pool.run)")
+    add("--cpu-tasks", type=int, default=200, help="CPU-bound tasks per run")
+    add("--latency-samples", type=int, default=300, help="round trips per run")
+    add("--map-items", type=int, default=500_000, help="items per Pool.map / imap run")
+    add("--rss-tasks", type=int, default=1_000_000, help="tasks published in the RSS section")
+    add("--frames", type=int, default=200_000, help="100 B frames per transport run (4 KiB: /4)")
+    add("--repeat", type=int, default=5, help="runs of each system")
+    add("--quick", action="store_true", help="tiny sizes, one run (smoke test)")
+    add("--sections", type=parse_sections, default=list(SECTIONS), help=",".join(SECTIONS))
+    add("--json", type=Path, metavar="PATH", help="write all results as JSON")
+    add("--chart", type=Path, metavar="PATH", help="write a PNG chart (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tasks, args.cpu_tasks, args.latency_samples, args.repeat = 300, 10, 20, 1
-    for name in ("tasks", "cpu_tasks", "latency_samples", "repeat"):
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    for name in SIZES:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
 
+def run_section(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    if name == "noop":
+        return run_noop(workdir, args.tasks, args.repeat)
+    if name == "cpu":
+        return run_cpu(workdir, args.cpu_tasks, args.repeat)
+    if name == "latency":
+        return run_latency(workdir, args.latency_samples, args.repeat)
+    if name == "pool":
+        return run_pool(args.tasks, args.map_items, args.repeat)
+    if name == "rss":
+        return run_rss(workdir, args.rss_tasks)
+    return run_transport(args.frames, args.repeat)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="pqb", dir="/tmp"))
-    results: dict[str, Any] = {
-        "meta": {
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "repeat": args.repeat,
-            "quick": args.quick,
-            "start_method": CTX.get_start_method(),
-            "revision": git_revision(),
-        }
+    meta: dict[str, Any] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "sections": args.sections,
+        "start_method": CTX.get_start_method(),
+        "revision": git_revision(),
+        "section_seconds": {},
     }
+    results: dict[str, Any] = {"meta": meta}
     try:
-        with contextlib.ExitStack() as stack:
-            sockets = {
-                "noop-p0": stack.enter_context(daemon(workdir, "noop-p0", WORKERS, 0)),
-                "noop-p8": stack.enter_context(daemon(workdir, "noop-p8", WORKERS, 8)),
-                "noop-sqlite": stack.enter_context(
-                    daemon(workdir, "noop-sqlite", WORKERS, 8, f"sqlite:///{workdir}/bench.db")
-                ),
-                "cpu": stack.enter_context(daemon(workdir, "cpu", WORKERS, 0)),
-                "latency": stack.enter_context(daemon(workdir, "latency", 1, 0)),
-            }
-            results["noop"] = run_noop(sockets, args.tasks, args.repeat)
-            results["cpu"] = run_cpu(sockets["cpu"], args.cpu_tasks, args.repeat)
-            results["latency"] = run_latency(sockets["latency"], args.latency_samples, args.repeat)
+        for name in args.sections:
+            print(f"section {name}", file=sys.stderr)
+            start = time.monotonic()
+            results[name] = run_section(name, args, workdir)
+            meta["section_seconds"][name] = time.monotonic() - start
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(render(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.chart is not None:
+        from .chart import write_chart
+
+        write_chart(results, args.chart)
     return 0
 
 

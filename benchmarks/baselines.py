@@ -1,0 +1,120 @@
+"""The standard library's process pools and a bare-fork ceiling, timed warm.
+
+Every pool is created and warmed up (each worker has run a task) before its
+timing starts, and shut down after it ends: startup is never timed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import handlers
+from .daemons import CTX, RUN_TIMEOUT
+
+
+def _warm_ppe(pool: cf.ProcessPoolExecutor, workers: int) -> None:
+    for future in [pool.submit(handlers.noop_plain) for _ in range(4 * workers)]:
+        future.result()
+
+
+def ppe_throughput(fn: Callable[[Any], None], arg: Any, n: int, workers: int) -> float:
+    """Seconds to submit n calls to a warm ProcessPoolExecutor and wait for all."""
+    with cf.ProcessPoolExecutor(workers, mp_context=CTX) as pool:
+        _warm_ppe(pool, workers)
+        start = time.perf_counter()
+        futures = [pool.submit(fn, arg) for _ in range(n)]
+        cf.wait(futures)
+        elapsed = time.perf_counter() - start
+        for future in futures:
+            future.result()
+    return elapsed
+
+
+def ppe_map(n: int, workers: int, chunksize: int) -> float:
+    """Seconds for ``ProcessPoolExecutor.map(noop, n items, chunksize)``, all consumed."""
+    with cf.ProcessPoolExecutor(workers, mp_context=CTX) as pool:
+        _warm_ppe(pool, workers)
+        start = time.perf_counter()
+        got = sum(
+            1 for _ in pool.map(handlers.noop_plain, itertools.repeat(None, n), chunksize=chunksize)
+        )
+        elapsed = time.perf_counter() - start
+    if got != n:
+        raise RuntimeError(f"ProcessPoolExecutor.map returned {got} results for {n} items")
+    return elapsed
+
+
+def mp_pool_throughput(n: int, workers: int) -> float:
+    """Seconds for ``imap_unordered(noop, range(n), chunksize=1)`` on a warm Pool."""
+    with CTX.Pool(workers) as pool:
+        for _ in pool.imap_unordered(handlers.noop_plain, range(4 * workers), chunksize=1):
+            pass
+        start = time.perf_counter()
+        for _ in pool.imap_unordered(handlers.noop_plain, range(n), chunksize=1):
+            pass
+        return time.perf_counter() - start
+
+
+def mp_apply_async(n: int, workers: int) -> float:
+    """Seconds for n ``apply_async(noop)`` calls on a warm Pool, then every ``get``."""
+    with CTX.Pool(workers) as pool:
+        for result in [pool.apply_async(handlers.noop_plain) for _ in range(4 * workers)]:
+            result.get(RUN_TIMEOUT)
+        start = time.perf_counter()
+        results = [pool.apply_async(handlers.noop_plain) for _ in range(n)]
+        for result in results:
+            result.get(RUN_TIMEOUT)
+        return time.perf_counter() - start
+
+
+def fork_ceiling(n: int, iterations: int, workers: int) -> float:
+    """Seconds for ``workers`` forked processes to run n tasks between them, no transport.
+
+    The children are forked first and wait on a pipe, so the fork is not timed
+    (as the pools and the daemon are warm when their timing starts).
+    """
+    shares = [n // workers + (i < n % workers) for i in range(workers)]
+    go_r, go_w = os.pipe()
+    pids = []
+    try:
+        for share in shares:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.close(go_w)
+                    if os.read(go_r, 1):
+                        for _ in range(share):
+                            handlers.cpu_plain(iterations)
+                        code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        start = time.perf_counter()
+        os.write(go_w, b"g" * workers)
+    finally:
+        os.close(go_r)
+        os.close(go_w)  # a child still waiting (fork failed midway) reads EOF and exits
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"bare fork child exited {os.waitstatus_to_exitcode(status)}")
+    return time.perf_counter() - start
+
+
+def ppe_latency(samples: int, warmup: int = 20) -> list[float]:
+    """Round trips ``submit(noop).result()`` on ``ProcessPoolExecutor(1)``, in seconds."""
+    out: list[float] = []
+    with cf.ProcessPoolExecutor(1, mp_context=CTX) as pool:
+        for i in range(warmup + samples):
+            start = time.perf_counter()
+            pool.submit(handlers.noop_plain).result()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                out.append(elapsed)
+    return out
