@@ -18,6 +18,7 @@ import base64
 import collections
 import contextlib
 import enum
+import itertools
 import os
 import shutil
 import signal
@@ -135,7 +136,8 @@ class Pool:
         self._batches: collections.deque[list[dict[str, Any]]] = collections.deque()
         self._wake = threading.Condition()
         self._send_lock = threading.Lock()
-        self._results = threading.Condition()  # one for all handles: no Event per task
+        self._results = threading.Condition()
+        self._resend_at = 0.0  # one for all handles: no Event per task
         self._id_prefix, self._ids = os.urandom(8).hex() + "-", 0
         self._closing = False
         self._threads: list[threading.Thread] = []
@@ -265,13 +267,15 @@ class Pool:
     ) -> Iterator[Any]:
         """``fn`` over every item, results in order; ``chunksize`` items per task."""
         target = function_path(fn)
-        items = list(iterable)
-        tasks = [
-            self._submit({"fn": target, "chunk": items[i : i + chunksize]})
-            for i in range(0, len(items), max(1, chunksize))
-        ]
-        for task in tasks:
-            yield from task.result(timeout)
+        chunks = _chunks(iterable, max(1, chunksize))
+        window: collections.deque[Task] = collections.deque()
+        ahead = 16 * self.config.queues[QUEUE].concurrency + 16  # chunks in flight
+        for chunk in chunks:  # stream: submit ahead, yield in order as results come
+            window.append(self._submit({"fn": target, "chunk": chunk}))
+            if len(window) >= ahead:
+                yield from window.popleft().result(timeout)
+        while window:
+            yield from window.popleft().result(timeout)
 
     def publish(self, task: QueueTask) -> QueueTask:
         """Publish a task to any queue of the pool, as ``Client.publish`` does."""
@@ -321,6 +325,9 @@ class Pool:
             with self._wake:
                 while not self._outbox and not self._closing:
                     self._wake.wait()
+            pause = self._resend_at - time.monotonic()
+            if pause > 0:  # a full queue pushed back: give the workers a moment
+                time.sleep(pause)
             if not self._send_outbox():
                 return
 
@@ -380,16 +387,22 @@ class Pool:
             return
         error = error_from_dict(reply["error"])
         rest = batch[int(reply.get("accepted") or 0) :]
-        if isinstance(error, QueueFull):  # send the rest again, a little later
-            time.sleep(0.005)
+        if isinstance(error, QueueFull):  # the sender sends the rest again, a little later
             with self._wake:
                 self._outbox.extendleft(reversed(rest))
+                self._resend_at = time.monotonic() + 0.005
                 self._wake.notify()
             return
         for entry in rest:
             task = self._pending.pop(entry["id"], None)
             if task is not None:
                 task._finish(False, None, str(error))
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _split(buf: bytearray) -> tuple[list[Any], int]:
