@@ -7,6 +7,7 @@ what a client has been told survives a crash of the supervisor.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import os
@@ -33,6 +34,9 @@ class Requests:
     ) -> None:
         self.broker, self.store, self._status, self.state = broker, store, status, state
         self.after_commit: list[tuple[Callable[[Any], None], Reply]] = []  # (send, frame)
+        self.held: collections.deque[tuple[int, list[tuple[Callable[[Any], None], Reply]]]] = (
+            collections.deque()
+        )  # replies of committed turns, waiting for their ticket
         self.waiters: dict[str, list[Conn]] = {}
         self.notify: dict[str, Conn] = {}  # task id -> the connection that wants its outcome
         self.wait_timers: list[tuple[float, int, str, Conn]] = []  # (monotonic, seq, id, conn)
@@ -141,17 +145,22 @@ class Requests:
                 self.waiters[task_id].remove(conn)
                 conn.reply({"ok": self.task(task_id).to_dict()})
 
-    def send_held_replies(self) -> None:
-        """After the store's commit: what the held replies report is now durable."""
+    def hold_until(self, ticket: int) -> None:
+        """This turn's replies go out once the store says ``ticket`` is durable."""
         if self.after_commit:
-            replies, self.after_commit = self.after_commit, []
-            for send, frame in replies:
+            self.held.append((ticket, self.after_commit))
+            self.after_commit = []
+
+    def send_durable(self, durable: int) -> None:
+        """Send the held replies whose ticket is on disk: what they report is durable."""
+        while self.held and self.held[0][0] <= durable:
+            for send, frame in self.held.popleft()[1]:
                 send(frame)
 
     # -- dead letters ----------------------------------------------------------------
     def _dead_letters(self, op: str, req: dict[str, Any]) -> Any:
         queue = req.get("queue") or None
-        self.store.commit()
+        self.store.sync()
         if op == "dead_list":
             limit = int(req.get("limit") or 1000)
             return [t.to_dict() for t in self.store.dead(queue, limit)]

@@ -65,6 +65,7 @@ class QueueState:
     spilling: bool = False
     cursor: int = 0
     on_disk: int = 0
+    last_spilled: int = 0  # seq of the newest task sent to disk only
 
     @property
     def held(self) -> int:
@@ -172,9 +173,10 @@ class Broker:
             self.metrics.published(state.name)
         if not state.spilling and state.held >= state.config.buffer_size and not force:
             state.spilling, state.cursor = True, self.store.seq  # later tasks wait on disk
-        self.store.add(stored)
+        seq = self.store.add(stored)
         if state.spilling:
             state.on_disk += 1
+            state.last_spilled = seq
         else:
             self._enqueue(stored, state, now + task.delay, now)
         return stored
@@ -197,7 +199,8 @@ class Broker:
                 state.cursor = seq
                 self._enqueue(task, state, _ts(task.available_at), now)
             state.on_disk = max(0, state.on_disk - len(page))
-            if len(page) < room:
+            # Drained only if nothing spilled is still on its way to the disk.
+            if len(page) < room and self.store.committed_seq >= state.last_spilled:  # type: ignore[attr-defined]
                 state.spilling, state.on_disk = False, 0
 
     def recover(self) -> None:
@@ -218,10 +221,11 @@ class Broker:
                 task.status = QueueTaskStatus.PENDING
                 task.available_at = _dt(now)
             store.put(task)
-        store.commit()
+        store.sync()
         for name, count in store.unfinished_counts().items():
             if name in self.queues:
-                self.queues[name].spilling, self.queues[name].on_disk = True, count
+                state = self.queues[name]
+                state.spilling, state.on_disk, state.last_spilled = True, count, store.seq
             else:
                 log.warning(
                     "store holds %d unfinished task(s) for queue %r, which is not "

@@ -9,6 +9,7 @@ the store and only then sends the replies that report what was committed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -97,6 +98,8 @@ class Supervisor:
             self._serve_metrics(settings.metrics)
         if self.store.spills:
             self.broker.recover()
+            wake = self.store.wake_socket()  # type: ignore[attr-defined]
+            self.selector.register(wake, selectors.EVENT_READ, self._on_durable)
         self.pool.start_all()
         self.cron.start()
         self.set_state(SupervisorState.RUNNING)
@@ -184,11 +187,18 @@ class Supervisor:
             self.set_state(SupervisorState.STOPPED)
 
     def _commit(self) -> None:
-        """End of a loop turn: one transaction, then the replies that waited for it."""
-        self.store.commit()
+        """End of a loop turn: hand the writes to the store; replies wait for the disk."""
+        self.requests.hold_until(self.store.commit())
+        self._on_durable()
+
+    def _on_durable(self, mask: int = 0) -> None:
+        """Some writes reached the disk (or none were pending): release their replies."""
+        if mask:
+            with contextlib.suppress(BlockingIOError):
+                self.store.wake_socket().recv(4096)  # type: ignore[attr-defined]
+        self.requests.send_durable(self.store.durable())
         if self.store.spills:
             self.broker.page_in()
-        self.requests.send_held_replies()
 
     def _timeout(self) -> float | None:
         if self.requests.after_commit:
@@ -229,7 +239,6 @@ class Supervisor:
 
     def _prune(self, now: float) -> None:
         """Retention: delete old succeeded tasks a batch per turn, never a long stall."""
-        self.store.commit()
         removed = self.store.prune(time.time() - self.config.settings.retention)
         if removed:
             log.info("retention: pruned %d succeeded task(s)", removed)

@@ -2,7 +2,8 @@
 
 Only the supervisor talks to a store. ``put`` records a task's current state
 (the broker calls it on every status change); ``commit`` ends one loop
-turn's batch of writes (group commit for durable stores).
+turn's batch of writes (group commit for durable stores): it returns a ticket, and ``durable()``
+tells which tickets have reached the disk.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ class Store(Protocol):
 
     def get(self, task_id: str) -> QueueTask | None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> int: ...  # hand over this turn's writes; a ticket (0: durable now)
+
+    def durable(self) -> int: ...  # the highest ticket that is on disk
+
+    def sync(self) -> None: ...  # commit and wait for the disk (rare operations only)
 
     def close(self) -> None: ...
 

@@ -34,7 +34,13 @@ class MemoryStore:
     def get(self, task_id: str) -> QueueTask | None:
         return self.tasks.get(task_id)
 
-    def commit(self) -> None:
+    def commit(self) -> int:
+        return 0  # nothing to make durable: every reply may go at once
+
+    def durable(self) -> int:
+        return 0
+
+    def sync(self) -> None:
         pass
 
     def close(self) -> None:

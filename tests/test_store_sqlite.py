@@ -1,0 +1,120 @@
+"""The SQLite store in-process: tickets, the writer thread, migrations, the lock."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from procqueue.errors import InternalError
+from procqueue.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreLocked
+from procqueue.task import QueueTask, QueueTaskStatus
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _task(n: int) -> QueueTask:
+    created = QueueTask(queue="q", type="t", id=f"task-{n}", status=QueueTaskStatus.PENDING)
+    created.created_at = created.available_at = _now()
+    return created
+
+
+def _now():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _wait_durable(store: SqliteStore, ticket: int) -> None:
+    deadline = time.monotonic() + 10
+    while store.durable() < ticket:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_tickets_become_durable_and_reads_see_unacked_tasks(tmp_path):
+    store = SqliteStore(tmp_path / "a.db")
+    try:
+        assert store.commit() == 0  # nothing to write: nothing to wait for
+        tasks = [_task(i) for i in range(100)]
+        seqs = [store.add(t) for t in tasks]
+        assert seqs == list(range(1, 101))
+        assert store.get("task-5") is tasks[5]  # not even handed over yet
+        ticket = store.commit()
+        assert ticket == 1 and store.get("task-5") is tasks[5]
+        _wait_durable(store, ticket)
+        assert store.committed_seq == 100
+        tasks[5].status = QueueTaskStatus.RUNNING
+        store.put(tasks[5])
+        tasks[6].status, tasks[6].result = QueueTaskStatus.SUCCEEDED, {"ok": 1}
+        store.put(tasks[6])
+        _wait_durable(store, store.commit())
+        again = SqliteStore.__new__(SqliteStore)  # read through a fresh connection
+        again.db = sqlite3.connect(tmp_path / "a.db")
+        assert again.db.execute("SELECT status FROM tasks WHERE id='task-5'").fetchone() == (
+            "running",
+        )
+        row = again.db.execute("SELECT status, result, finished_at FROM tasks WHERE id='task-6'")
+        status, result, finished = row.fetchone()
+        assert (status, result) == ("succeeded", '{"ok":1}') and finished > 0
+        again.db.close()
+        page = store.page("q", 0, 10)
+        assert [seq for seq, _ in page] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]  # not 6, 7
+        assert all(t.status is QueueTaskStatus.PENDING for _, t in page)
+    finally:
+        store.close()
+
+
+def test_reopen_keeps_everything(tmp_path):
+    store = SqliteStore(tmp_path / "a.db")
+    for i in range(10):
+        store.add(_task(i))
+    store.commit()
+    store.close()  # waits for the writer
+    store = SqliteStore(tmp_path / "a.db")
+    try:
+        assert store.seq == 10 and store.get("task-9").id == "task-9"
+        assert store.unfinished_counts() == {"q": 10}
+    finally:
+        store.close()
+
+
+def test_migrates_a_version_1_database(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(f"BEGIN; {MIGRATIONS[0]}; PRAGMA user_version = 1; COMMIT;")
+    db.execute(
+        "INSERT INTO tasks (seq, id, queue, type, status, created_at, available_at) "
+        "VALUES (1, 'old', 'q', 't', 'pending', 0, 0)"
+    )
+    db.close()
+    store = SqliteStore(path)
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        indexes = {
+            r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert {"tasks_queue_seq", "tasks_finished_at"} <= indexes
+        assert "tasks_unfinished" not in indexes
+        assert store.get("old").status is QueueTaskStatus.PENDING
+    finally:
+        store.close()
+
+
+def test_refuses_a_newer_schema(tmp_path):
+    path = tmp_path / "new.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(InternalError, match="newer than this procqueue"):
+        SqliteStore(path)
+
+
+def test_one_store_per_file(tmp_path):
+    store = SqliteStore(tmp_path / "a.db")
+    try:
+        with pytest.raises(StoreLocked, match="in use by another procqueue daemon"):
+            SqliteStore(tmp_path / "a.db")
+    finally:
+        store.close()
