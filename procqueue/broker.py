@@ -173,7 +173,7 @@ class Broker:
             self.metrics.published(state.name)
         if not state.spilling and state.held >= state.config.buffer_size and not force:
             state.spilling, state.cursor = True, self.store.seq  # later tasks wait on disk
-        seq = self.store.add(stored)
+        seq = self.store.add(stored, held=not state.spilling)
         if state.spilling:
             state.on_disk += 1
             state.last_spilled = seq

@@ -17,7 +17,7 @@ class Store(Protocol):
     spills: bool  # True: pending tasks beyond buffer_size wait on disk (paged in)
     seq: int  # the admission seq of the last task added
 
-    def add(self, task: QueueTask) -> int: ...  # a newly admitted task; its admission seq
+    def add(self, task: QueueTask, held: bool = True) -> int: ...  # its admission seq
 
     def put(self, task: QueueTask) -> None: ...  # a change of a task already added
 

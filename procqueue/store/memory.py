@@ -17,7 +17,7 @@ class MemoryStore:
 
     spills = False  # a full queue pushes back on publish (QueueFull)
 
-    def add(self, task: QueueTask) -> int:
+    def add(self, task: QueueTask, held: bool = True) -> int:
         self.seq += 1
         self.put(task)
         return self.seq

@@ -130,11 +130,16 @@ class SqliteStore:
         if task.id not in self._new:  # a new task is inserted with its state at commit
             self._changed[task.id] = task
 
-    def add(self, task: QueueTask) -> int:
-        """Record a newly admitted task; returns its admission ``seq``."""
+    def add(self, task: QueueTask, held: bool = True) -> int:
+        """Record a newly admitted task; returns its admission ``seq``.
+
+        ``held=False``: the task waits on disk only (a spilled backlog); its seq
+        is learnt again when it is paged in, so a backlog costs no memory here.
+        """
         self.seq += 1
         self._new[task.id] = (self.seq, task)
-        self._seqs[task.id] = self.seq
+        if held:
+            self._seqs[task.id] = self.seq
         return self.seq
 
     def get(self, task_id: str) -> QueueTask | None:
