@@ -522,7 +522,7 @@ def config_from_dict(data: Mapping[str, Any], path: str | os.PathLike[str]) -> C
         queues = _queues(data)
     except _Invalid as exc:
         raise ConfigError(f"{os.fspath(path)}: {exc}") from None
-    from .cron import parse_cron_entries
+    from .cronconfig import parse_cron_entries
 
     cron = parse_cron_entries(data.get("cron"), os.fspath(path), queues)
     raw = MappingProxyType(copy.deepcopy(dict(data)))

@@ -2,14 +2,13 @@
 
 Three layers, each testable on its own:
 
-* :func:`parse_cron_entries` validates the config's ``[[cron]]`` tables into
-  frozen :class:`CronSpecEntry` values (messages in the style of
-  :mod:`procqueue.config`).
+* :func:`procqueue.cronconfig.parse_cron_entries` validates the config's
+  ``[[cron]]`` tables into frozen :class:`CronSpecEntry` values.
 * :class:`Schedule` is pure: the clock is a ``now`` argument (STYLE.md 10).
   ``due(now)`` returns the :class:`Fire` values whose time has come and
   advances each entry; every fire has a key ``name:scheduled`` and a fire
   never happens twice (STYLE.md 11).
-* :class:`CronThread` sleeps until the next fire time, asks the schedule what
+* :class:`procqueue.scheduler.CronThread` sleeps until the next fire time, asks the schedule what
   is due under one lock, queues the fires in a deque and writes one wake-up
   byte for the supervisor's selector. It never publishes anything itself.
 
@@ -43,15 +42,10 @@ late, so missed ticks are dropped and an on-time tick still runs.
 from __future__ import annotations
 
 import builtins
-import collections
-import contextlib
 import dataclasses
 import json
 import logging
-import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -60,7 +54,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from croniter import CroniterError, croniter  # type: ignore[import-untyped]
 
-from .errors import ConfigError, InvalidQueueTask, QueueConfigConflict, TaskNotFound
+from .errors import InvalidQueueTask, QueueConfigConflict, TaskNotFound
 from .task import QueueTask
 
 __all__ = [
@@ -69,10 +63,8 @@ __all__ = [
     "MISFIRE_POLICIES",
     "CronSpecEntry",
     "CronTask",
-    "CronThread",
     "Fire",
     "Schedule",
-    "parse_cron_entries",
 ]
 
 log = logging.getLogger("procqueue.cron")
@@ -345,7 +337,7 @@ class Schedule:
     """The cron entries and their next fire times. Pure; not thread-safe.
 
     Every method takes ``now`` (a ``time.time()`` value) where time matters;
-    callers sharing a schedule with a :class:`CronThread` hold its lock.
+    callers sharing a schedule with the cron thread hold its lock.
     """
 
     def __init__(self, entries: Iterable[CronSpecEntry], now: float) -> None:
@@ -435,176 +427,3 @@ class Schedule:
         task.total += 1
         if not succeeded:
             task.err_count += 1
-
-
-# ------------------------------------------------------------------ thread
-
-
-class CronThread:
-    """Wakes at the next fire time and hands the fires to the supervisor's loop.
-
-    Locking: the thread holds ``lock`` only while it calls the schedule and
-    appends to :attr:`fires`; it sleeps, reads the clock and writes the wake-up
-    byte without it. The supervisor takes the same lock around its own
-    schedule calls (add, cancel, list, record_outcome) and drains ``fires``
-    (a deque: ``popleft`` needs no lock). Around a fork, register
-    ``os.register_at_fork(before=t.pause, after_in_parent=t.resume,
-    after_in_child=t.resume)`` from the main thread: holding the lock
-    guarantees the cron thread is asleep or outside croniter (and any import
-    it might trigger) when the child is cloned. ``lock`` is not reentrant:
-    never fork while already holding it.
-    """
-
-    def __init__(
-        self,
-        schedule: Schedule,
-        lock: threading.Lock,
-        wake_fd: int,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.schedule = schedule
-        self.lock = lock
-        self.wake_fd = wake_fd
-        self.clock = clock
-        self.fires: collections.deque[Fire] = collections.deque()
-        self._event = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="procqueue-cron", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stopping = True
-        self._event.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def poke(self) -> None:
-        """The schedule changed: recompute the wake-up time now."""
-        self._event.set()
-
-    def pause(self) -> None:
-        self.lock.acquire()
-
-    def resume(self) -> None:
-        self.lock.release()
-
-    def _run(self) -> None:
-        while not self._stopping:
-            self._event.clear()  # a poke from here on interrupts the wait below
-            try:
-                timeout = self._tick()
-            except Exception:
-                log.exception("cron: computing fire times failed; retrying in 1s")
-                timeout = 1.0
-            self._event.wait(timeout)
-
-    def _tick(self) -> float:
-        """Queue what is due; return how long to sleep."""
-        with self.lock:
-            if self._stopping:
-                return 0.0
-            fires = self.schedule.due(self.clock())
-            self.fires.extend(fires)
-            wakeup = self.schedule.next_wakeup()
-        if fires:
-            self._ring()
-        if wakeup is None:
-            return MAX_SLEEP
-        return min(MAX_SLEEP, max(0.0, wakeup - self.clock()))
-
-    def _ring(self) -> None:
-        # BlockingIOError: a wake-up byte is already pending; BrokenPipeError:
-        # the loop has gone (shutdown).
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(self.wake_fd, b"\0")
-
-
-# ------------------------------------------------------------------ config
-
-
-def _where(index: int, table: Mapping[str, Any]) -> str:
-    name = table.get("name")
-    if isinstance(name, str) and name:
-        return f"cron[{index}] ({json.dumps(name, ensure_ascii=False)})"
-    return f"cron[{index}]"
-
-
-def _entry(index: int, value: object, queues: Mapping[str, Any]) -> CronSpecEntry:
-    from . import config as c  # lazy: config.py imports this module
-
-    table = c._table(value, f"cron[{index}]", "a table of cron settings ([[cron]])")
-    where = _where(index, table)
-    c._check_keys(table, where, _ENTRY_KEYS)
-    name = c._check_name(table.get("name", c._MISSING), c._key(where, "name"))
-    queue = table.get("queue", c._MISSING)
-    if queue not in queues:
-        known = ", ".join(json.dumps(q) for q in queues) or "none configured"
-        raise c._Invalid(c._message(c._key(where, "queue"), f"one of the queues {known}", queue))
-    timezone, spec = table.get("timezone", "UTC"), table.get("spec", c._MISSING)
-    try:
-        _compile(spec, _zone(timezone))
-    except _BadField as bad:
-        value = timezone if bad.field == "timezone" else spec
-        key = c._key(where, bad.field)
-        raise c._Invalid(c._message(key, bad.expected, value, bad.hint)) from None
-    return CronSpecEntry(
-        name=name,
-        spec=" ".join(spec.split()),
-        queue=queue,
-        type=c._check_name(table.get("type", c._MISSING), c._key(where, "type")),
-        payload=_payload_field(table, where),
-        description=_description_field(table, where),
-        timezone=timezone,
-        misfire=c._choice_field(table, where, "misfire", MISFIRE_POLICIES, "coalesce"),
-    )
-
-
-def _payload_field(table: Mapping[str, Any], where: str) -> bytes | None:
-    from . import config as c
-
-    if "payload" not in table:
-        return None
-    try:
-        return orjson.dumps(table["payload"])
-    except orjson.JSONEncodeError:
-        key = c._key(where, "payload")
-        raise c._Invalid(c._message(key, "a JSON-serialisable value", table["payload"])) from None
-
-
-def _description_field(table: Mapping[str, Any], where: str) -> str:
-    from . import config as c
-
-    value = table.get("description", "")
-    if not isinstance(value, str):
-        raise c._Invalid(c._message(c._key(where, "description"), "a string", value))
-    return value
-
-
-def parse_cron_entries(
-    value: object, config_path: str, queues: Mapping[str, Any]
-) -> tuple[CronSpecEntry, ...]:
-    """Validate the ``[[cron]]`` array; every problem is a ConfigError naming entry and key."""
-    from . import config as c
-
-    try:
-        if value is None:
-            return ()
-        if not isinstance(value, list | tuple):
-            raise c._Invalid(c._message("cron", "an array of tables ([[cron]] entries)", value))
-        entries: list[CronSpecEntry] = []
-        seen: dict[str, int] = {}
-        for index, item in enumerate(value):
-            entry = _entry(index, item, queues)
-            if entry.name in seen:
-                key = f"cron[{index}] ({json.dumps(entry.name, ensure_ascii=False)}).name"
-                hint = f" (already used by cron[{seen[entry.name]}])"
-                raise c._Invalid(c._message(key, "a unique name", entry.name, hint))
-            seen[entry.name] = index
-            entries.append(entry)
-    except c._Invalid as exc:
-        raise ConfigError(f"{config_path}: {exc}") from None
-    return tuple(entries)

@@ -1,6 +1,6 @@
 """Cron inside the supervisor: the schedule, its thread, and the loop's side.
 
-The cron thread (``cron.CronThread``) only computes fire times and queues
+The cron thread (``CronThread``) only computes fire times and queues
 "publish this now"; this module drains those fires in the supervisor's loop,
 publishes them as tasks (headers ``cron`` and ``cron_scheduled``, key
 ``name:scheduled``), counts how each run ended, and serves the runtime
@@ -10,6 +10,7 @@ reload; entries from the config follow the config.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -21,13 +22,96 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .cron import CronSpecEntry, CronTask, CronThread, Schedule
+from .cron import MAX_SLEEP, CronSpecEntry, CronTask, Fire, Schedule
 from .errors import InvalidQueueTask, QueueNotRegistered
 from .task import QueueTask, QueueTaskStatus, marshal_payload
 
 log = logging.getLogger("procqueue.cron")
 
 Publish = Callable[[list[QueueTask]], list[QueueTask]]
+
+
+class CronThread:
+    """Wakes at the next fire time and hands the fires to the supervisor's loop.
+
+    Locking: the thread holds ``lock`` only while it calls the schedule and
+    appends to :attr:`fires`; it sleeps, reads the clock and writes the wake-up
+    byte without it. The supervisor takes the same lock around its own
+    schedule calls (add, cancel, list, record_outcome) and drains ``fires``
+    (a deque: ``popleft`` needs no lock). Around a fork, register
+    ``os.register_at_fork(before=t.pause, after_in_parent=t.resume,
+    after_in_child=t.resume)`` from the main thread: holding the lock
+    guarantees the cron thread is asleep or outside croniter (and any import
+    it might trigger) when the child is cloned. ``lock`` is not reentrant:
+    never fork while already holding it.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        lock: threading.Lock,
+        wake_fd: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.schedule = schedule
+        self.lock = lock
+        self.wake_fd = wake_fd
+        self.clock = clock
+        self.fires: collections.deque[Fire] = collections.deque()
+        self._event = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="procqueue-cron", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stopping = True
+        self._event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def poke(self) -> None:
+        """The schedule changed: recompute the wake-up time now."""
+        self._event.set()
+
+    def pause(self) -> None:
+        self.lock.acquire()
+
+    def resume(self) -> None:
+        self.lock.release()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._event.clear()  # a poke from here on interrupts the wait below
+            try:
+                timeout = self._tick()
+            except Exception:
+                log.exception("cron: computing fire times failed; retrying in 1s")
+                timeout = 1.0
+            self._event.wait(timeout)
+
+    def _tick(self) -> float:
+        """Queue what is due; return how long to sleep."""
+        with self.lock:
+            if self._stopping:
+                return 0.0
+            fires = self.schedule.due(self.clock())
+            self.fires.extend(fires)
+            wakeup = self.schedule.next_wakeup()
+        if fires:
+            self._ring()
+        if wakeup is None:
+            return MAX_SLEEP
+        return min(MAX_SLEEP, max(0.0, wakeup - self.clock()))
+
+    def _ring(self) -> None:
+        # BlockingIOError: a wake-up byte is already pending; BrokenPipeError:
+        # the loop has gone (shutdown).
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self.wake_fd, b"\0")
 
 
 class CronService:

@@ -18,12 +18,12 @@ import pytest
 from procqueue.cron import (
     MISFIRE_GRACE,
     CronSpecEntry,
-    CronThread,
     Fire,
     Schedule,
-    parse_cron_entries,
 )
+from procqueue.cronconfig import parse_cron_entries
 from procqueue.errors import ConfigError, InvalidQueueTask, QueueConfigConflict, TaskNotFound
+from procqueue.scheduler import CronThread
 
 QUEUES = {"report": object(), "default": object()}
 BERLIN = ZoneInfo("Europe/Berlin")
