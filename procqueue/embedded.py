@@ -20,6 +20,7 @@ import contextlib
 import enum
 import itertools
 import os
+import select
 import shutil
 import signal
 import socket
@@ -137,8 +138,15 @@ class Pool:
         self._wake = threading.Condition()
         self._send_lock = threading.Lock()
         self._results = threading.Condition()
+        self._read_lock = threading.Lock()  # held by the one thread reading the socket
+        self._inbuf = bytearray()
+        self._waiting = 0  # threads inside Task.result
+        self._eof = False
         self._resend_at = 0.0  # one for all handles: no Event per task
-        self._id_prefix, self._ids = os.urandom(8).hex() + "-", 0
+        # Task ids: random per pool + a counter; next() on a count is atomic, so
+        # threads calling run() at once never share an id (uuid4 would cost a
+        # getrandom per call, and that call releases the GIL).
+        self._id_prefix, self._ids = os.urandom(8).hex() + "-", itertools.count(1)
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._client: Client | None = None
@@ -305,8 +313,7 @@ class Pool:
             payload = orjson.dumps(call)
         except TypeError as exc:
             raise InvalidQueuePayload(f"arguments must be JSON-serialisable: {exc}") from None
-        self._ids += 1  # ids: random per pool + a counter (uuid4 costs a getrandom each)
-        task = Task(self, f"{self._id_prefix}{self._ids:010x}")
+        task = Task(self, f"{self._id_prefix}{next(self._ids):010x}")
         self._pending[task.id] = task
         entry = {
             "id": task.id,
@@ -349,21 +356,45 @@ class Pool:
                 return False
         return True
 
+    # -- reading: leader/follower ------------------------------------------------
+    # A thread waiting in ``Task.result`` reads the socket itself (it wakes
+    # straight from ``select`` on its own event, no hand-off through another
+    # thread); the background reader only reads while nobody waits, so that
+    # handles still resolve and the socket never fills up.
+
     def _read_loop(self) -> None:
-        """Resolve handles from pushed ``done`` events, many per read."""
-        assert self._sock is not None
-        buf = bytearray()
-        while True:
+        while not self._eof:
+            if self._waiting:
+                with self._results:
+                    self._results.wait(0.05)
+                continue
+            self._read_once(0.05)
+
+    def _read_once(self, timeout: float) -> None:
+        """Read and apply whatever frames arrive within ``timeout`` (one reader at a time)."""
+        if not self._read_lock.acquire(blocking=False):
+            with self._results:
+                self._results.wait(timeout)
+            return
+        try:
+            assert self._sock is not None
+            if not select.select([self._sock], [], [], timeout)[0]:
+                return
             try:
                 chunk = self._sock.recv(1 << 16)
             except OSError:
                 chunk = b""
             if not chunk:
+                self._eof = True
+                with self._results:
+                    self._results.notify_all()
                 return
-            buf += chunk
-            frames, used = _split(buf)
-            del buf[:used]
-            self._on_frames(frames)
+            self._inbuf += chunk
+            frames, used = _split(self._inbuf)
+            del self._inbuf[:used]
+        finally:
+            self._read_lock.release()
+        self._on_frames(frames)
 
     def _on_frames(self, frames: list[Any]) -> None:
         with self._results:
@@ -378,8 +409,19 @@ class Pool:
             self._results.notify_all()
 
     def _wait_for(self, task: Task, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._results:
-            return self._results.wait_for(lambda: task._done, timeout)
+            self._waiting += 1
+        try:
+            while not task._done and not self._eof:
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                self._read_once(left)
+        finally:
+            with self._results:
+                self._waiting -= 1
+        return task._done
 
     def _on_publish_reply(self, reply: dict[str, Any]) -> None:
         batch = self._batches.popleft()

@@ -151,3 +151,23 @@ def test_supervisor_exits_with_the_program(short_dir):
     while psutil.pid_exists(supervisor) and psutil.Process(supervisor).status() != "zombie":
         assert time.monotonic() < deadline, "the pool's supervisor outlived its program"
         time.sleep(0.05)
+
+
+def test_handles_resolve_without_anyone_waiting(pool):
+    task = pool.run(pool_funcs.square, 5)
+    deadline = time.monotonic() + 10
+    while not task.done():  # the background reader resolves it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert task.result(0) == 25
+
+
+def test_many_threads_wait_at_once(pool):
+    import concurrent.futures
+
+    def work(i: int) -> list[int]:
+        return [pool.run(pool_funcs.add, i, b=j).result(20) for j in range(200)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as threads:
+        results = list(threads.map(work, range(4)))
+    assert results == [[i + j for j in range(200)] for i in range(4)]
