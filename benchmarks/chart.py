@@ -16,9 +16,9 @@ P50_COLOUR, P99_COLOUR = "#2ca02c", "#d62728"
 
 
 def throughput_rows(results: dict[str, Any]) -> list[tuple[str, float, float, float]]:
-    """(label, median, min, max) of every no-op system: sections noop and pool."""
+    """(label, median, min, max) of every no-op system: sections noop, pool and brokers."""
     rows = []
-    for section, tag in (("noop", "no-op"), ("pool", "Pool")):
+    for section, tag in (("noop", "no-op"), ("pool", "Pool"), ("brokers", "brokers")):
         for name, info in results.get(section, {}).get("systems", {}).items():
             rows.append(
                 (
@@ -32,8 +32,12 @@ def throughput_rows(results: dict[str, Any]) -> list[tuple[str, float, float, fl
 
 
 def latency_rows(results: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(label, p50, p99) of the latency section, then of the brokers section's round trips."""
     systems = results.get("latency", {}).get("systems", {})
-    return [(name, info["p50_us"], info["p99_us"]) for name, info in systems.items()]
+    rows = [(name, info["p50_us"], info["p99_us"]) for name, info in systems.items()]
+    brokers = results.get("brokers", {}).get("latency", {}).get("systems", {})
+    rows += [(f"brokers: {name}", i["p50_us"], i["p99_us"]) for name, i in brokers.items()]
+    return rows
 
 
 def draw_throughput(ax: Any, rows: list[tuple[str, float, float, float]]) -> None:

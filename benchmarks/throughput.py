@@ -2,13 +2,13 @@
 
 Run from the repository root::
 
-    python -m benchmarks                      # full run, 2-3 minutes on 2 cores
+    python -m benchmarks                      # full run, 4-5 minutes on 2 cores
     python -m benchmarks --quick              # tiny sizes, one repetition (smoke test)
     python -m benchmarks --json r.json        # also write every figure as JSON
     python -m benchmarks --chart r.png        # and a chart (matplotlib, the [bench] extra)
     python -m benchmarks --sections noop,latency   # a subset
 
-Six sections; inside each, the systems are measured interleaved (A B C,
+Seven sections; inside each, the systems are measured interleaved (A B C,
 A B C, ...) ``--repeat`` times on the same machine in the same run, and
 reported as median and min-max (latencies: p50/p99 over every sample):
 
@@ -37,6 +37,17 @@ reported as median and min-max (latencies: p50/p99 over every sample):
 6. ``transport``: frames/s between two forked processes through
    ``procqueue.ring.Channel`` versus pipes and ``multiprocessing`` (see
    ``transport.py``).
+7. ``brokers``: no-op tasks, 2 workers each, ``--broker-tasks`` per run:
+   Celery 5 (prefork, Redis broker and result backend; default options and
+   ``-O fair``) and Dramatiq (Redis broker, 2 processes x 1 thread) on the
+   local Redis server (see ``brokers.py``), interleaved with the procqueue
+   daemon at prefetch 0 and 64 and ``ProcessPoolExecutor(2).submit``; and
+   the round trip ``.delay().get()`` on one idle Celery worker against
+   procqueue publish + wait on one idle worker (``--broker-latency-samples``
+   in all, split across the runs). Part of the default run only when Redis
+   answers PING at 127.0.0.1:6379 and celery and dramatiq import (the
+   ``[bench]`` extra); otherwise the report says why it was skipped. Asked
+   for by ``--sections`` without them, the benchmark stops with an error.
 
 Each procqueue configuration runs in its own daemon (``procqueue.cli run``
 on a temporary config), started when its section starts and stopped with
@@ -64,7 +75,7 @@ from typing import Any
 import procqueue
 from procqueue import Client, QueueTask, QueueTaskStatus
 
-from . import baselines, handlers
+from . import baselines, brokers, handlers
 from .daemons import CTX, QUEUE, ROOT, RUN_TIMEOUT, WORKERS, DaemonSpec, daemon
 from .embedded_pool import run_pool
 from .rss import rss_table, run_rss
@@ -79,7 +90,7 @@ from .stats import (
 )
 from .transport import run_transport, transport_table
 
-SECTIONS = ("noop", "cpu", "latency", "pool", "rss", "transport")
+SECTIONS = ("noop", "cpu", "latency", "pool", "rss", "transport", "brokers")
 BATCH = 1000
 
 NOOP_PQ0 = "procqueue prefetch=0"
@@ -104,6 +115,11 @@ LAT_PQ = "procqueue publish+wait"
 LAT_POOL = "procqueue.Pool(1).run().result()"
 LAT_PPE = "ProcessPoolExecutor(1).submit().result()"
 LAT_STAMP = "procqueue publish -> handler start (one way)"
+CELERY = "Celery prefork (Redis broker + result backend)"
+CELERY_FAIR = "Celery prefork -O fair (Redis broker + result backend)"
+DRAMATIQ = "Dramatiq (Redis broker, 2 processes x 1 thread)"
+BROKER_PQ = {NOOP_PQ0: ("brokers-p0", 0), NOOP_PQ64: ("brokers-p64", 64)}
+LAT_CELERY = "Celery .delay().get()"
 
 
 # ------------------------------------------------------------------ procqueue
@@ -309,6 +325,61 @@ def run_latency(workdir: Path, samples: int, repeat: int) -> dict[str, Any]:
     }
 
 
+def run_brokers(workdir: Path, n: int, repeat: int, samples: int) -> dict[str, Any]:
+    """procqueue, ProcessPoolExecutor, Celery and Dramatiq interleaved; every worker warm."""
+    per_run = -(-samples // repeat)
+    with contextlib.ExitStack() as stack:
+        fleet = stack.enter_context(brokers.fleet(workdir))
+        sockets = {
+            label: stack.enter_context(daemon(workdir, DaemonSpec(name, prefetch=prefetch)))
+            for label, (name, prefetch) in BROKER_PQ.items()
+        }
+        lat_socket = stack.enter_context(
+            daemon(workdir, DaemonSpec("brokers-latency", concurrency=1))
+        )
+        for socket_path in sockets.values():
+            pq_throughput(socket_path, "noop", min(n, 500), None)  # warm-up
+        systems: dict[str, Callable[[], float]] = {
+            label: functools.partial(pq_throughput, path, "noop", n, None)
+            for label, path in sockets.items()
+        }
+        systems |= {
+            PPE: lambda: baselines.ppe_throughput(handlers.noop_plain, None, n, WORKERS),
+            CELERY: lambda: fleet.celery_run("default", n),
+            CELERY_FAIR: lambda: fleet.celery_run("fair", n),
+            DRAMATIQ: lambda: fleet.dramatiq_run(n),
+        }
+        rates = interleaved("brokers", systems, n, repeat)
+        latency_systems: dict[str, Callable[[], list[float]]] = {
+            LAT_CELERY: lambda: fleet.celery_latency(per_run),
+            LAT_PQ: lambda: pq_latency(lat_socket, per_run),
+        }
+        latency_runs = interleaved_samples("brokers latency", latency_systems, repeat)
+    result = {name: summary(r) for name, r in rates.items()}
+    others = [name for name in result if name not in BROKER_PQ]
+    latency = {name: latency_summary(r) for name, r in latency_runs.items()}
+    return {
+        "tasks": n,
+        "workers": WORKERS,
+        "redis": f"{brokers.REDIS_HOST}:{brokers.REDIS_PORT}",
+        "versions": brokers.versions(),
+        "systems": result,
+        "ratios": {
+            f"{pq} / {other}": median_ratio(result, pq, other, "tasks")
+            for pq in BROKER_PQ
+            for other in others
+        },
+        "latency": {
+            "samples_per_run": per_run,
+            "systems": latency,
+            "ratios": {
+                f"{LAT_CELERY} p50 / {LAT_PQ} p50": latency[LAT_CELERY]["p50_us"]
+                / latency[LAT_PQ]["p50_us"]
+            },
+        },
+    }
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -364,6 +435,22 @@ def render_transport(section: dict[str, Any], runs: str) -> list[str]:
     return transport_table(title, section)
 
 
+def render_brokers(section: dict[str, Any], runs: str) -> list[str]:
+    v = section["versions"]
+    title = (
+        f"7. brokers, no-op tasks: N={section['tasks']:,}, {WORKERS} workers each; "
+        f"Celery {v['celery']}, Dramatiq {v['dramatiq']}, Redis {v['redis-server']} at "
+        f"{section['redis']}; {runs}"
+    )
+    latency = section["latency"]
+    latency_title = (
+        f"  round trip, one idle worker each: {latency['samples_per_run']} samples per run"
+    )
+    return [*throughput_table(title, section), *latency_table(latency_title, latency)]
+
+
+SKIPPED_TITLES = {"brokers": "7. brokers (Celery, Dramatiq on Redis)"}
+
 RENDER: dict[str, Callable[[dict[str, Any], str], list[str]]] = {
     "noop": render_noop,
     "cpu": render_cpu,
@@ -371,6 +458,7 @@ RENDER: dict[str, Callable[[dict[str, Any], str], list[str]]] = {
     "pool": render_pool,
     "rss": render_rss,
     "transport": render_transport,
+    "brokers": render_brokers,
 }
 
 
@@ -384,6 +472,8 @@ def render(results: dict[str, Any]) -> str:
     for name in SECTIONS:
         if name in results:
             lines += ["", *RENDER[name](results[name], runs)]
+        elif name in meta.get("skipped", {}):
+            lines += ["", f"{SKIPPED_TITLES[name]}: skipped, {meta['skipped'][name]}"]
     seconds = ", ".join(f"{k} {v:.0f}" for k, v in meta["section_seconds"].items())
     lines += ["", f"wall time per section (s): {seconds}"]
     return "\n".join(lines)
@@ -409,7 +499,17 @@ def git_revision() -> str:
     return head + ("+dirty" if head and dirty else "")
 
 
-SIZES = ("tasks", "cpu_tasks", "latency_samples", "map_items", "rss_tasks", "frames", "repeat")
+SIZES = (
+    "tasks",
+    "cpu_tasks",
+    "latency_samples",
+    "map_items",
+    "rss_tasks",
+    "frames",
+    "broker_tasks",
+    "broker_latency_samples",
+    "repeat",
+)
 QUICK = {
     "tasks": 300,
     "cpu_tasks": 10,
@@ -417,6 +517,8 @@ QUICK = {
     "map_items": 5_000,
     "rss_tasks": 20_000,
     "frames": 5_000,
+    "broker_tasks": 200,
+    "broker_latency_samples": 20,
     "repeat": 1,
 }
 
@@ -442,9 +544,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--map-items", type=int, default=500_000, help="items per Pool.map / imap run")
     add("--rss-tasks", type=int, default=1_000_000, help="tasks published in the RSS section")
     add("--frames", type=int, default=200_000, help="100 B frames per transport run (4 KiB: /4)")
+    add("--broker-tasks", type=int, default=5_000, help="no-op tasks per run, brokers section")
+    add(
+        "--broker-latency-samples",
+        type=int,
+        default=200,
+        help="round trips in all (split across the runs), brokers section",
+    )
     add("--repeat", type=int, default=5, help="runs of each system")
     add("--quick", action="store_true", help="tiny sizes, one run (smoke test)")
-    add("--sections", type=parse_sections, default=list(SECTIONS), help=",".join(SECTIONS))
+    add(
+        "--sections",
+        type=parse_sections,
+        help=f"{','.join(SECTIONS)} (default: all; brokers only if Redis and its clients are here)",
+    )
     add("--json", type=Path, metavar="PATH", help="write all results as JSON")
     add("--chart", type=Path, metavar="PATH", help="write a PNG chart (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -454,6 +567,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in SIZES:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.skipped = {}
+    if args.sections is None:
+        args.sections = list(SECTIONS)
+        if reason := brokers.unavailable():
+            args.sections.remove("brokers")
+            args.skipped["brokers"] = reason
+    elif "brokers" in args.sections and (reason := brokers.unavailable()):
+        parser.error(f"section brokers cannot run: {reason}")
     return args
 
 
@@ -468,6 +589,8 @@ def run_section(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
         return run_pool(args.tasks, args.map_items, args.repeat)
     if name == "rss":
         return run_rss(workdir, args.rss_tasks)
+    if name == "brokers":
+        return run_brokers(workdir, args.broker_tasks, args.repeat, args.broker_latency_samples)
     return run_transport(args.frames, args.repeat)
 
 
@@ -481,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "quick": args.quick,
         "sections": args.sections,
+        "skipped": args.skipped,
         "start_method": CTX.get_start_method(),
         "revision": git_revision(),
         "section_seconds": {},

@@ -1,4 +1,9 @@
-"""The benchmark script runs end to end (tiny sizes); no speed is asserted."""
+"""The benchmark script runs end to end (tiny sizes); no speed is asserted.
+
+The quick run includes the brokers section, so it needs the Redis server at
+127.0.0.1:6379 and celery, dramatiq and redis (the ``[test]`` extra has them):
+without them the test fails, it does not skip.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +47,25 @@ LATENCY = {
     "procqueue publish -> handler start (one way)",
 }
 TRANSPORT_SYSTEMS = 8
+BROKERS = {
+    "procqueue prefetch=0",
+    "procqueue prefetch=64",
+    "ProcessPoolExecutor(2).submit",
+    "Celery prefork (Redis broker + result backend)",
+    "Celery prefork -O fair (Redis broker + result backend)",
+    "Dramatiq (Redis broker, 2 processes x 1 thread)",
+}
+BROKER_LATENCY = {"Celery .delay().get()", "procqueue publish+wait"}
+BROKER_APPS = ("pqb_celery_app", "pqb_dramatiq_app")  # in every worker's command line
 
 
 def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return run_python("-m", "benchmarks", *args, timeout=timeout)
+
+
+def run_python(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks", *args],
+        [sys.executable, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -94,6 +114,31 @@ def check_transport(results: dict[str, Any]) -> None:
     assert section["ring_stalls"] == 0, "a ring wait timed out: lost wake-up"
 
 
+def check_brokers(results: dict[str, Any]) -> None:
+    section = results["brokers"]
+    assert set(section["systems"]) == BROKERS
+    for name, info in section["systems"].items():
+        assert info["median_tasks_per_s"] > 0, name
+        assert info["min_tasks_per_s"] <= info["median_tasks_per_s"] <= info["max_tasks_per_s"]
+    assert len(section["ratios"]) == 2 * 4 and all(v > 0 for v in section["ratios"].values())
+    assert set(section["versions"]) >= {"celery", "dramatiq", "redis-server"}
+    latency = section["latency"]
+    assert set(latency["systems"]) == BROKER_LATENCY
+    for name, info in latency["systems"].items():
+        assert 0 < info["p50_us"] <= info["p99_us"], name
+        assert info["samples"] > 0, name
+
+
+def broker_workers_left() -> list[str]:
+    """Command lines of Celery or Dramatiq workers of the benchmark still running."""
+    left = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(a in cmdline for a in BROKER_APPS):
+            left.append(f"{proc.pid}: {cmdline}")
+    return left
+
+
 @pytest.mark.timeout(180)
 def test_benchmark_quick_run_reports_every_section(tmp_path: Path) -> None:
     out, chart = tmp_path / "r.json", tmp_path / "r.png"
@@ -101,12 +146,26 @@ def test_benchmark_quick_run_reports_every_section(tmp_path: Path) -> None:
     args = ["--quick", "--json", str(out), *(["--chart", str(chart)] if with_chart else [])]
     proc = run_bench(*args, timeout=170)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert not broker_workers_left(), broker_workers_left()
     results = json.loads(out.read_text())
-    assert results["meta"]["sections"] == ["noop", "cpu", "latency", "pool", "rss", "transport"]
+    assert not results["meta"]["skipped"], (
+        f"skipped: {results['meta']['skipped']} (this test needs the Redis server at "
+        "127.0.0.1:6379, and celery, dramatiq and redis from the [test] extra)"
+    )
+    assert results["meta"]["sections"] == [
+        "noop",
+        "cpu",
+        "latency",
+        "pool",
+        "rss",
+        "transport",
+        "brokers",
+    ]
     check_throughput(results)
     check_latency(results)
     check_rss(results)
     check_transport(results)
+    check_brokers(results)
     if with_chart:
         assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
@@ -116,3 +175,30 @@ def test_benchmark_rejects_an_unknown_section() -> None:
     proc = run_bench("--quick", "--sections", "noop,bogus", timeout=50)
     assert proc.returncode == 2
     assert "unknown section(s) bogus" in proc.stderr
+
+
+GATE = """
+import sys
+from benchmarks import brokers, throughput
+
+brokers.unavailable = lambda: "Redis at 127.0.0.1:6379 does not answer PING (test)"
+args = throughput.parse_args(["--quick"])
+print(",".join(args.sections), args.skipped["brokers"])
+print(throughput.render({"meta": {
+    "revision": "", "python": "3", "cpus": 2, "machine": "m", "repeat": 1,
+    "skipped": args.skipped, "section_seconds": {},
+}}))
+throughput.parse_args(["--quick", "--sections", "noop,brokers"])
+"""
+
+
+@pytest.mark.timeout(60)
+def test_brokers_section_is_skipped_by_default_and_refused_when_asked_without_redis() -> None:
+    proc = run_python("-c", GATE, timeout=50)
+    assert proc.returncode == 2, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "noop,cpu,latency,pool,rss,transport Redis at 127.0.0.1:6379 " + (
+        "does not answer PING (test)"
+    )
+    assert any(line.startswith("7. brokers") and "skipped" in line for line in lines)
+    assert "section brokers cannot run: Redis at 127.0.0.1:6379" in proc.stderr
