@@ -185,7 +185,6 @@ def _brief_ids(tasks: list[QueueTask]) -> list[list[Any]]:
 # count (procqueue.Pool, which chose the ids) or [id, created_at, status] (Client).
 _REPLY_SHAPES: dict[Any, Callable[[list[QueueTask]], Any]] = {
     "tasks": lambda tasks: [t.to_dict() for t in tasks],
-    True: len,
     "count": len,
     "ids": _brief_ids,
 }

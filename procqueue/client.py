@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import socket as _socket
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -22,10 +21,12 @@ from .task import QueueTask, QueueTaskStatus
 class Client:
     """A blocking client; one request at a time. Not thread-safe: one per thread."""
 
+    _sock: socket.socket | None
+
     def __init__(self, socket: str | os.PathLike[str], timeout: float | None = 30.0) -> None:
         self.path = Path(socket)
         self.timeout = timeout
-        self._sock: _socket.socket | None = None
+        self._sock = None
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], timeout: float | None = 30.0) -> Client:

@@ -349,7 +349,7 @@ class Pool:
             if not batch:
                 return True
             self._batches.append(batch)
-            request = {"op": "publish", "tasks": batch, "notify": True, "brief": True}
+            request = {"op": "publish", "tasks": batch, "notify": True, "brief": "count"}
             try:
                 self._sock.sendall(encode_frame(request))
             except OSError:

@@ -276,7 +276,7 @@ class WorkerPool:
         handle.ep.close()
         handle.set_state(WorkerState.DEAD)
         how = _describe_exit(status)
-        self._settle_inflight(handle, how)
+        self._settle_inflight(handle, how, clean=os.waitstatus_to_exitcode(status) == 0)
         slot = (
             self.slots[handle.queue][handle.index]
             if handle.index < len(self.slots.get(handle.queue, []))
@@ -287,10 +287,10 @@ class WorkerPool:
         slot.worker = None
         self._after_death(slot, handle, status, how)
 
-    def _settle_inflight(self, handle: WorkerHandle, how: str) -> None:
+    def _settle_inflight(self, handle: WorkerHandle, how: str, clean: bool) -> None:
         if not handle.inflight:
             return
-        if how == "exited with code 0":  # a clean exit happens only between tasks
+        if clean:  # a worker exits 0 only between tasks: what it held never started
             while handle.inflight:
                 self.broker.give_back(handle.inflight.pop())
             return

@@ -201,8 +201,8 @@ class Supervisor:
             self.broker.page_in()
 
     def _timeout(self) -> float | None:
-        if self.requests.after_commit:
-            return 0.0
+        if self.requests.after_commit:  # a reply sent after the last commit let a
+            return 0.0  # buffered request in: commit it now rather than sleep
         now = time.monotonic()
         deadlines = [
             self.pool.next_deadline(),

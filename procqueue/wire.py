@@ -2,7 +2,7 @@
 
 Every frame starts with one opcode byte. Task frames keep the payload raw
 (no base64): ``b"T" | u32 meta length (LE) | orjson meta | payload bytes``,
-where meta is the list ``TASK_META`` below. Every other frame is
+where meta is the list described below. Every other frame is
 ``opcode | orjson body``.
 
 down (supervisor -> worker)      up (worker -> supervisor)
@@ -32,22 +32,10 @@ OP_BOOTED, OP_BOOT_ERROR, OP_DONE, OP_FAILED, OP_PUBLISH = (ord(c) for c in "BED
 CALL_TYPE = "procqueue.call"
 
 _META_LEN = struct.Struct("<I")
-# The fields of a task frame's meta list, in order; ``limit`` is the effective
-# time limit in seconds (task timeout, else the queue's; 0 = none).
-TASK_META = (
-    "id",
-    "queue",
-    "type",
-    "key",
-    "headers",
-    "delay",
-    "timeout",
-    "max_retry",
-    "attempt",
-    "created_at",
-    "available_at",
-    "limit",
-)
+# A task frame's meta list, in order (encode_task / decode_task):
+# id, queue, type, key, headers, delay, timeout, max_retry, attempt,
+# created_at, available_at (timestamps) and limit, the effective time limit in
+# seconds (the task's timeout, else the queue's; 0 = none).
 
 
 def encode(op: int, body: Any) -> bytes:

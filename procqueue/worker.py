@@ -34,6 +34,7 @@ from .errors import (
     ProcQueueError,
     TaskHandlerNotFound,
     TaskTimeout,
+    error_from_dict,
 )
 from .ring import Endpoint, PeerGone
 from .task import QueueTask
@@ -195,8 +196,6 @@ class Worker:
 
 
 def _reply_tasks(reply: dict[str, Any]) -> list[QueueTask]:
-    from .errors import error_from_dict
-
     if "error" in reply:
         raise error_from_dict(reply["error"])
     return [QueueTask.from_dict(t) for t in reply["ok"]]
