@@ -181,5 +181,13 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon()
 
 
+def until(condition: Callable[[], object], timeout: float = 15, message: str = "") -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message or "condition never held"
+        time.sleep(0.01)
+
+
 def finished(task: QueueTask) -> bool:
     return task.status in (QueueTaskStatus.SUCCEEDED, QueueTaskStatus.FAILED)

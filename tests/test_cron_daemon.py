@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from conftest import run_cli, write_config
+from conftest import run_cli, until, write_config
 from procqueue import QueueNotRegistered, QueueTask, TaskNotFound
 
 pytestmark = pytest.mark.timeout(90)
@@ -82,10 +82,7 @@ def test_add_cancel_get_list_at_run_time(daemon):
     named = client.add_cron("@hourly", "default", "echo", name="mine")
     assert named.name == "mine"
     assert {e.name for e in client.list_cron()} == {added.name, "mine"}
-    deadline = time.monotonic() + 10
-    while client.get_cron(added.name).err_count == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    until(lambda: client.get_cron(added.name).err_count != 0, timeout=10)
     assert client.get_cron(added.name).total >= 1  # runs whose task finally failed count too
     client.cancel_cron(added.name)
     with pytest.raises(TaskNotFound, match=added.name):
@@ -108,10 +105,7 @@ def test_runtime_entries_survive_a_reload(make_daemon):
     client.add_cron("@daily", "default", "echo", name="runtime")
     daemon.config.write_text(daemon.config.read_text().replace('name = "cfg"', 'name = "cfg2"'))
     os.kill(daemon.proc.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "reloaded" not in daemon.logs():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    until(lambda: "reloaded" in daemon.logs(), timeout=10)
     assert {e.name for e in client.list_cron()} == {"cfg2", "runtime"}
 
 

@@ -10,6 +10,7 @@ import orjson
 import psutil
 import pytest
 
+from conftest import until
 from procqueue import (
     InvalidQueueTask,
     InvalidTaskType,
@@ -298,10 +299,7 @@ def test_sigterm_lets_the_running_task_finish(daemon):
     stored = client.publish(
         QueueTask(queue="default", type="stamp", payload=marshal_payload({"sleep": 1.0}))
     )
-    deadline = time.monotonic() + 10
-    while client.get_task(stored.id).status is not QueueTaskStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    until(lambda: client.get_task(stored.id).status is QueueTaskStatus.RUNNING, timeout=10)
     workers = daemon.worker_pids()
     shm_before = set(os.listdir("/dev/shm"))
     assert daemon.stop(signal.SIGTERM) == 0
@@ -339,15 +337,14 @@ def test_workers_exit_when_supervisor_is_sigkilled(daemon):
 
 def test_sigttin_sigttou_resize_every_queue(daemon):
     os.kill(daemon.proc.pid, signal.SIGTTIN)
-    deadline = time.monotonic() + 10
-    while len(daemon.worker_pids()) != 3:
-        assert time.monotonic() < deadline, daemon.logs()
-        time.sleep(0.05)
+    until(lambda: len(daemon.worker_pids()) == 3, timeout=10, message=daemon.logs())
     daemon.wait_ready()
     os.kill(daemon.proc.pid, signal.SIGTTOU)
-    while len(daemon.client().status()["queues"]["default"]["workers"]) != 2:
-        assert time.monotonic() < deadline, daemon.logs()
-        time.sleep(0.05)
+    until(
+        lambda: len(daemon.client().status()["queues"]["default"]["workers"]) == 2,
+        timeout=10,
+        message=daemon.logs(),
+    )
     assert daemon.run_task(queue="default", type="echo").status is OK
 
 
@@ -357,10 +354,7 @@ def test_shutdown_timeout_kills_what_is_still_running(make_daemon):
     stored = client.publish(
         QueueTask(queue="default", type="stamp", payload=marshal_payload({"sleep": 30}))
     )
-    deadline = time.monotonic() + 10
-    while client.get_task(stored.id).status is not QueueTaskStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    until(lambda: client.get_task(stored.id).status is QueueTaskStatus.RUNNING, timeout=10)
     started = time.monotonic()
     assert daemon.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 5
@@ -372,10 +366,8 @@ def test_second_sigint_stops_fast(daemon):
     client.publish(QueueTask(queue="default", type="stamp", payload=marshal_payload({"sleep": 30})))
     time.sleep(0.2)
     os.kill(daemon.proc.pid, signal.SIGINT)
-    deadline = time.monotonic() + 10
-    while "graceful stop" not in daemon.logs():  # two quick SIGINTs would merge into one
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    # two quick SIGINTs would merge into one: wait until the first was handled
+    until(lambda: "graceful stop" in daemon.logs(), timeout=10)
     started = time.monotonic()
     assert daemon.stop(signal.SIGINT) == 0
     assert time.monotonic() - started < 5

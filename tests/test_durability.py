@@ -11,6 +11,7 @@ import orjson
 import psutil
 import pytest
 
+from conftest import until
 from procqueue import Client, QueueTask, QueueTaskStatus, marshal_payload
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,10 +96,7 @@ def test_running_task_is_charged_an_attempt_after_a_crash(make_daemon, short_dir
             queue="work", type="record", payload=marshal_payload({"log": str(log), "sleep": 30})
         )
     )
-    deadline = time.monotonic() + 10
-    while not log.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    until(log.exists, timeout=10)
     time.sleep(0.1)  # let the loop commit "running"
     os.kill(daemon.proc.pid, signal.SIGKILL)
     daemon.proc.wait(10)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import orjson
 import psutil
 import pytest
 
-from conftest import TESTS, start_daemon, write_config
+from conftest import TESTS, start_daemon, until, write_config
 from procqueue import QueueTask, QueueTaskStatus, marshal_payload
 
 pytestmark = pytest.mark.timeout(90)
@@ -28,13 +27,6 @@ def _hot_module(directory: Path, version: str) -> None:
         "    time.sleep(float(task.headers.get('sleep', '0')))\n"
         f"    return {version!r}\n"
     )
-
-
-def _until(condition, timeout: float = 15, message: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message or "condition never held"
-        time.sleep(0.02)
 
 
 HOT_QUEUES = """
@@ -54,7 +46,7 @@ def test_sighup_runs_new_code_and_loses_nothing(make_daemon, short_dir):
     queued = client.publish_many(
         [QueueTask(queue="hot", type="hot", headers={"log": log}) for _ in range(20)]
     )
-    _until(lambda: client.get_task(first.id).status is QueueTaskStatus.RUNNING)
+    until(lambda: client.get_task(first.id).status is QueueTaskStatus.RUNNING)
     _hot_module(short_dir, "v2")
     os.kill(daemon.proc.pid, signal.SIGHUP)
     results = [client.wait(t.id, timeout=30) for t in [first, *queued]]
@@ -71,7 +63,7 @@ def test_bad_config_on_reload_keeps_the_old_one(daemon):
     text = daemon.config.read_text()
     daemon.config.write_text(text + '\n[queues."x"]\nconcurrency = "many"\n')
     os.kill(daemon.proc.pid, signal.SIGHUP)
-    _until(lambda: "reload rejected" in daemon.logs())
+    until(lambda: "reload rejected" in daemon.logs())
     assert 'queues."x".concurrency' in daemon.logs()
     assert daemon.worker_pids() == pids
     assert daemon.run_task(queue="default", type="echo").status is OK
@@ -83,7 +75,7 @@ def test_reload_adds_and_resizes_queues(daemon):
         text + '\n[queues."extra"]\n[queues."extra".handlers]\n"echo" = "pqhandlers:echo"\n'
     )
     os.kill(daemon.proc.pid, signal.SIGHUP)
-    _until(lambda: "extra" in daemon.client().status()["queues"])
+    until(lambda: "extra" in daemon.client().status()["queues"])
     status = daemon.wait_ready()
     assert len(status["queues"]["default"]["workers"]) == 3
     assert daemon.run_task(queue="extra", type="echo").status is OK
@@ -120,7 +112,7 @@ def test_recycling_on_memory_limit(make_daemon):
     )
     hog = daemon.run_task(queue="q", type="hog", payload=marshal_payload({"mib": 200}))
     assert hog.status is OK
-    _until(lambda: "above max_memory_per_child" in daemon.logs())
+    until(lambda: "above max_memory_per_child" in daemon.logs())
     after = daemon.run_task(queue="q", type="echo")
     assert after.status is OK and after.result["pid"] != hog.result
 
@@ -192,7 +184,7 @@ def test_crash_backoff_is_visible_and_capped(make_daemon):
         "x" = "broken_handlers:handler"
     """
     )
-    _until(lambda: daemon.logs().count("cannot start") >= 3, timeout=20)
+    until(lambda: daemon.logs().count("cannot start") >= 3, timeout=20)
     worker = daemon.client().status()["queues"]["bad"]["workers"][0]
     assert worker["state"] == "crashing" and "broken on purpose" in worker["error"]
     assert "next try in 2.0s" in daemon.logs()  # 0.5, 1, 2 ... doubling
@@ -248,9 +240,9 @@ def test_reload_flag_picks_up_edits_and_survives_a_syntax_error(short_dir):
         daemon.wait_ready()
         assert run().result == "v1"
         _hot_module(short_dir, "v2")
-        _until(lambda: run().result == "v2", timeout=20, message=daemon.logs())
+        until(lambda: run().result == "v2", timeout=20, message=daemon.logs())
         (short_dir / "hotmod.py").write_text("def handle(ctx, task):\n    return (\n")
-        _until(lambda: "same error" in daemon.logs(), timeout=20)  # retried, told once
+        until(lambda: "same error" in daemon.logs(), timeout=20)  # retried, told once
         client = daemon.client()
         stored = client.publish(QueueTask(queue="hot", type="hot", headers={"log": log}))
         _hot_module(short_dir, "v3")  # fixed: the queue resumes, the queued task runs

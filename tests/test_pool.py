@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pool_funcs
 import psutil
 import pytest
 
 import procqueue
+from conftest import until
 from procqueue import InvalidQueuePayload, InvalidTaskHandler, QueueTask, TaskFailed, TaskStatus
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,10 +38,7 @@ def test_failure_is_reported_not_raised_in_the_pool(pool):
 
 def test_status_while_running(pool):
     task = pool.run(pool_funcs.nap, 1.0)
-    deadline = time.monotonic() + 5
-    while task.status is not TaskStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    until(lambda: task.status is TaskStatus.RUNNING, timeout=5)
     assert task.result(timeout=10) == 1.0
 
 
@@ -147,18 +144,18 @@ def test_supervisor_exits_with_the_program(short_dir):
     prog.send_signal(signal.SIGKILL)
     prog.wait(10)
     prog.stdout.close()
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(supervisor) and psutil.Process(supervisor).status() != "zombie":
-        assert time.monotonic() < deadline, "the pool's supervisor outlived its program"
-        time.sleep(0.05)
+    until(
+        lambda: (
+            not (psutil.pid_exists(supervisor) and psutil.Process(supervisor).status() != "zombie")
+        ),
+        timeout=10,
+        message="the pool's supervisor outlived its program",
+    )
 
 
 def test_handles_resolve_without_anyone_waiting(pool):
     task = pool.run(pool_funcs.square, 5)
-    deadline = time.monotonic() + 10
-    while not task.done():  # the background reader resolves it
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    until(task.done, timeout=10)  # the background reader resolves it
     assert task.result(0) == 25
 
 

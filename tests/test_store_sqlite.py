@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 
 import pytest
 
+from conftest import until
 from procqueue.errors import InternalError
 from procqueue.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreLocked
 from procqueue.task import QueueTask, QueueTaskStatus
@@ -27,10 +27,7 @@ def _now():
 
 
 def _wait_durable(store: SqliteStore, ticket: int) -> None:
-    deadline = time.monotonic() + 10
-    while store.durable() < ticket:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    until(lambda: store.durable() >= ticket, timeout=10)
 
 
 def test_tickets_become_durable_and_reads_see_unacked_tasks(tmp_path):
