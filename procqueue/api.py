@@ -13,6 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from .broker import Broker
@@ -177,12 +178,31 @@ class Requests:
         return [self.broker.requeue(t).to_dict() for t in tasks]
 
 
-def _brief_ids(tasks: list[QueueTask]) -> list[list[Any]]:
-    return [[t.id, t.created_at.timestamp() if t.created_at else 0.0, t.status] for t in tasks]
+def _brief_ids(tasks: list[QueueTask]) -> dict[str, Any]:
+    """The ids, plus the created_at and status they share; tasks that differ
+    (already known by id) are listed apart as [index, created_at, status]."""
+    if not tasks:
+        return {"ids": []}
+    created, status = tasks[-1].created_at, tasks[-1].status
+    others = [
+        [i, _stamp(t.created_at), t.status]
+        for i, t in enumerate(tasks)
+        if t.created_at is not created or t.status is not status
+    ]
+    return {
+        "ids": [t.id for t in tasks],
+        "created": _stamp(created),
+        "status": status,
+        "others": others,
+    }
+
+
+def _stamp(when: datetime | None) -> float:
+    return when.timestamp() if when else 0.0
 
 
 # How a publish reply describes what was admitted: whole tasks (the default), a
-# count (procqueue.Pool, which chose the ids) or [id, created_at, status] (Client).
+# count (procqueue.Pool, which chose the ids) or the ids in brief (Client).
 _REPLY_SHAPES: dict[Any, Callable[[list[QueueTask]], Any]] = {
     "tasks": lambda tasks: [t.to_dict() for t in tasks],
     "count": len,

@@ -146,40 +146,45 @@ class Broker:
         states = [self.validate(t) for t in tasks]  # all valid, or nothing admitted
         accepted: list[QueueTask] = []
         now = self.clock()
+        created = _dt(now)  # one datetime for the whole batch (immutable, so shared)
+        spills, get = self.store.spills, self.store.get
         for task, state in zip(tasks, states, strict=True):
-            if task.id and (known := self.store.get(task.id)) is not None:
+            if task.id and (known := get(task.id)) is not None:
                 accepted.append(known)  # a publish sent again: idempotent by id
                 continue
-            if not force and not self.store.spills and state.held >= state.config.buffer_size:
+            if not force and not spills and state.held >= state.config.buffer_size:
                 err = QueueFull(
                     f"queue {state.name!r} is full: {state.pending} pending tasks "
                     f"(buffer_size = {state.config.buffer_size}); publish again later"
                 )
                 err.accepted = accepted  # type: ignore[attr-defined]
                 raise err
-            accepted.append(self._admit(task, state, now, force))
+            accepted.append(self._admit(task, state, now, created, force))
         return accepted
 
-    def _admit(self, task: QueueTask, state: QueueState, now: float, force: bool) -> QueueTask:
-        stored = task
+    def _admit(
+        self, task: QueueTask, state: QueueState, now: float, created: datetime, force: bool
+    ) -> QueueTask:
         if not task.id:
             self._ids += 1
-            stored.id = f"{self._id_prefix}{self._ids:010x}"
-        stored.status, stored.attempt, stored.last_error, stored.result = _PENDING, 0, "", None
-        stored.created_at = created = _dt(now)
-        stored.available_at = _dt(now + task.delay) if task.delay else created
+            task.id = f"{self._id_prefix}{self._ids:010x}"
+        task.status, task.attempt, task.last_error, task.result = _PENDING, 0, "", None
+        task.created_at = created
+        task.available_at = _dt(now + task.delay) if task.delay else created
         state.counters.published += 1
         if self.metrics is not None:
             self.metrics.published(state.name)
-        if not state.spilling and state.held >= state.config.buffer_size and not force:
+        if not state.spilling and not force and state.held >= state.config.buffer_size:
             state.spilling, state.cursor = True, self.store.seq  # later tasks wait on disk
-        seq = self.store.add(stored, held=not state.spilling)
+        seq = self.store.add(task, held=not state.spilling)
         if state.spilling:
             state.on_disk += 1
             state.last_spilled = seq
+        elif task.delay:
+            heapq.heappush(state.delayed, (now + task.delay, next(self._seq), task))
         else:
-            self._enqueue(stored, state, now + task.delay, now)
-        return stored
+            state.ready.append(task)
+        return task
 
     def _enqueue(self, task: QueueTask, state: QueueState, at: float, now: float) -> None:
         if at <= now:

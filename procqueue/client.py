@@ -15,7 +15,7 @@ import orjson
 from .control import FRAME, encode_frame
 from .cron import CronTask
 from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
-from .task import QueueTask, QueueTaskStatus
+from .task import QueueTask, QueueTaskStatus, trusted_task
 
 
 class Client:
@@ -56,17 +56,18 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
-            # "brief": the reply is [id, created_at, status] per task, not whole tasks.
+            # "brief": the reply is the ids and what they share, not whole tasks.
             request = {"op": "publish", "tasks": todo, "brief": "ids"}
             reply = self._call(request, raise_error=False)
             if "ok" in reply:
                 return stored + _stored_copies(sources[len(stored) :], reply["ok"])
             err = error_from_dict(reply["error"])
-            stored += _stored_copies(sources[len(stored) :], reply.get("accepted", []))
+            accepted = reply.get("accepted") or {"ids": []}
+            stored += _stored_copies(sources[len(stored) :], accepted)
             if not isinstance(err, QueueFull) or not block or _past(deadline):
                 err.accepted = stored  # type: ignore[attr-defined]
                 raise err
-            todo = todo[len(reply.get("accepted", [])) :]
+            todo = todo[len(accepted["ids"]) :]
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
@@ -204,23 +205,40 @@ class Client:
         return _recv_exact(sock, size)
 
 
-def _stored_copies(sources: list[QueueTask], brief: list[list[Any]]) -> list[QueueTask]:
+def _stored_copies(sources: list[QueueTask], brief: dict[str, Any]) -> list[QueueTask]:
     """The stored tasks, rebuilt from what was sent and the brief reply."""
+    ids = brief["ids"]
+    if not ids:
+        return []
+    shared = (_utc(brief["created"]), QueueTaskStatus(brief["status"]))
+    others = {i: (_utc(created), QueueTaskStatus(status)) for i, created, status in brief["others"]}
     out = []
-    for task, (task_id, created, status) in zip(sources, brief, strict=False):
-        created_at = datetime.fromtimestamp(created, UTC)
+    for i, (task, task_id) in enumerate(zip(sources, ids, strict=False)):
+        created_at, status = others.get(i, shared)
+        available_at = created_at + timedelta(seconds=task.delay) if task.delay else created_at
         out.append(
-            task.copy(
-                id=task_id,
-                status=QueueTaskStatus(status),
-                attempt=0,
-                last_error="",
-                result=None,
-                created_at=created_at,
-                available_at=created_at + timedelta(seconds=task.delay),
+            trusted_task(
+                task.queue,
+                task.type,
+                task.payload,
+                task.key,
+                task.headers,
+                task.delay,
+                task.timeout,
+                task.max_retry,
+                task_id,
+                0,
+                status,
+                "",
+                created_at,
+                available_at,
             )
         )
     return out
+
+
+def _utc(stamp: float) -> datetime:
+    return datetime.fromtimestamp(stamp, UTC)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

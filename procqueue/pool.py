@@ -110,6 +110,7 @@ class WorkerPool:
                 return True
             if time.perf_counter() >= end:
                 return False
+            os.sched_yield()  # a worker waiting for a core gets it (see Endpoint.spin)
         return False
 
     def sleep_done(self) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import os
 import select
 import socket
 import struct
@@ -249,17 +250,24 @@ class Endpoint:
             if ctr[index] & 1:
                 ctr[index] += 1
 
-    def wait(self, timeout: float | None, spin: float = 0.0) -> None:
-        """Block until there is something to read (or room to write), or ``timeout``.
+    def spin(self, seconds: float) -> bool:
+        """Poll the rx ring for up to ``seconds``; True as soon as it has data.
 
-        Spins for ``spin`` seconds first: a task arriving right after another
-        then costs no system call, and an idle worker stops spinning quickly.
+        A frame arriving right after another then costs no system call.
+        ``sched_yield`` in the loop hands the core to another runnable process
+        (with more processes than cores, a bare spin would starve the very
+        process we wait for) and costs little when there is none.
         """
-        if spin > 0:
-            end = time.perf_counter() + spin
-            while time.perf_counter() < end:
-                if self.rx.readable():
-                    return
+        end = time.perf_counter() + seconds
+        readable, now, yield_ = self.rx.readable, time.perf_counter, os.sched_yield
+        while not readable():
+            if now() >= end:
+                return False
+            yield_()
+        return True
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until there is something to read (or room to write), or ``timeout``."""
         if not self.sleep_prepare():
             return
         try:

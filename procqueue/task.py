@@ -32,7 +32,10 @@ class QueueTaskStatus(enum.StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (QueueTaskStatus.SUCCEEDED, QueueTaskStatus.FAILED)
+        return self in FINISHED
+
+
+FINISHED = frozenset((QueueTaskStatus.SUCCEEDED, QueueTaskStatus.FAILED))
 
 
 def _seconds(value: float | timedelta | None, name: str) -> float:
@@ -66,16 +69,22 @@ class QueueTask:
     result: Any = None
 
     def __post_init__(self) -> None:
-        self.delay = _seconds(self.delay, "delay")
-        self.timeout = _seconds(self.timeout, "timeout")
-        if isinstance(self.payload, bytearray | memoryview):
-            self.payload = bytes(self.payload)
-        elif self.payload is not None and not isinstance(self.payload, bytes):
+        # Fast path first: plain float seconds and bytes need no conversion.
+        if self.delay.__class__ is not float or self.delay < 0:
+            self.delay = _seconds(self.delay, "delay")
+        if self.timeout.__class__ is not float or self.timeout < 0:
+            self.timeout = _seconds(self.timeout, "timeout")
+        payload = self.payload
+        if payload is None or payload.__class__ is bytes:
+            pass
+        elif isinstance(payload, bytearray | memoryview):
+            self.payload = bytes(payload)
+        elif not isinstance(payload, bytes):
             raise InvalidQueuePayload(
                 f"task {self.type or '?'}: payload must be bytes (use marshal_payload), "
-                f"got {type(self.payload).__name__}"
+                f"got {type(payload).__name__}"
             )
-        if self.status is not None and not isinstance(self.status, QueueTaskStatus):
+        if self.status is not None and self.status.__class__ is not QueueTaskStatus:
             self.status = QueueTaskStatus(self.status)
 
     def identifier(self) -> str:
@@ -128,16 +137,19 @@ class QueueTask:
         if not _FIELD_NAMES.issuperset(data):
             unknown = set(data) - _FIELD_NAMES
             raise InvalidQueueTask(f"unknown task field(s): {', '.join(sorted(unknown))}")
-        values = dict(data)
-        payload = values.get("payload")
-        if isinstance(payload, str):
+        values = data
+        payload = data.get("payload")
+        if payload.__class__ is str:
+            values = dict(data)
             try:
                 values["payload"] = base64.b64decode(payload, validate=True)
             except ValueError as exc:
                 raise InvalidQueuePayload(f"task payload is not valid base64: {exc}") from None
-        for name in ("created_at", "available_at"):
-            if isinstance(values.get(name), str):
-                values[name] = _parse_time(values[name], name)
+        if "created_at" in data or "available_at" in data:
+            values = dict(values)
+            for name in ("created_at", "available_at"):
+                if isinstance(values.get(name), str):
+                    values[name] = _parse_time(values[name], name)
         try:
             return cls(**values)
         except (TypeError, ValueError) as exc:
@@ -152,12 +164,67 @@ class QueueTask:
 
     def copy(self, **changes: Any) -> QueueTask:
         """A shallow copy with ``changes`` applied (no re-validation: a hot path)."""
-        new = object.__new__(QueueTask)
-        for name in _FIELD_ORDER:
-            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        new = trusted_task(
+            self.queue,
+            self.type,
+            self.payload,
+            self.key,
+            self.headers,
+            self.delay,
+            self.timeout,
+            self.max_retry,
+            self.id,
+            self.attempt,
+            self.status,
+            self.last_error,
+            self.created_at,
+            self.available_at,
+            self.result,
+        )
+        for name, value in changes.items():
+            setattr(new, name, value)
         return new
 
 
+def trusted_task(
+    queue: str,
+    type: str,
+    payload: bytes | None,
+    key: str,
+    headers: dict[str, str],
+    delay: float,
+    timeout: float,
+    max_retry: int,
+    id: str,
+    attempt: int,
+    status: QueueTaskStatus | None,
+    last_error: str,
+    created_at: datetime | None,
+    available_at: datetime | None,
+    result: Any = None,
+) -> QueueTask:
+    """A ``QueueTask`` from values already checked (our own frames and rows):
+    every field given, in declaration order, and no ``__post_init__``."""
+    task = _new_task(QueueTask)
+    task.queue, task.type, task.payload, task.key, task.headers = queue, type, payload, key, headers
+    task.delay, task.timeout, task.max_retry, task.id, task.attempt = (
+        delay,
+        timeout,
+        max_retry,
+        id,
+        attempt,
+    )
+    task.status, task.last_error, task.created_at, task.available_at, task.result = (
+        status,
+        last_error,
+        created_at,
+        available_at,
+        result,
+    )
+    return task
+
+
+_new_task = object.__new__
 _FIELD_ORDER = tuple(f.name for f in dataclasses.fields(QueueTask))
 _FIELD_NAMES = set(_FIELD_ORDER)
 

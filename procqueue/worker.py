@@ -100,9 +100,11 @@ class Worker:
         if self.backlog:
             return self.backlog.popleft()
         self.ep.flush()
-        self.ep.wait(1.0, spin=SPIN_SECONDS)
-        if os.getppid() != self.parent:
-            raise PeerGone("supervisor is gone")
+        if not self.ep.spin(SPIN_SECONDS):
+            self._title("idle")  # only before a real sleep: a title costs ~1 us
+            self.ep.wait(1.0)
+            if os.getppid() != self.parent:
+                raise PeerGone("supervisor is gone")
         return None
 
     def _on_frame(self, frame: bytes) -> None:
@@ -128,7 +130,6 @@ class Worker:
         else:
             self.ep.send(self._done_frame(task, result))
         self.ep.flush()
-        self._title("idle")
 
     def _done_frame(self, task: QueueTask, result: Any) -> bytes:
         if task.type != wire.CALL_TYPE:  # a handler's result is kept only if it fits
@@ -151,7 +152,7 @@ class Worker:
             signal.setitimer(signal.ITIMER_REAL, limit)
         try:
             result = handler(ctx, task)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 result = self._event_loop().run_until_complete(result)
             return result
         finally:

@@ -336,11 +336,14 @@ def test_wait_drains_the_doorbell(pair: tuple[Endpoint, Endpoint]) -> None:
     assert child.recv() == [b"a"]
 
 
-def test_wait_spin_sees_data(pair: tuple[Endpoint, Endpoint]) -> None:
+def test_spin_sees_data_and_gives_up_when_there_is_none(pair: tuple[Endpoint, Endpoint]) -> None:
     parent, child = pair
+    start = time.perf_counter()
+    assert child.spin(0.01) is False
+    assert time.perf_counter() - start >= 0.01
     parent.send(b"spin")
     parent.flush()
-    child.wait(5, spin=0.01)
+    assert child.spin(5) is True
     assert child.recv() == [b"spin"]
 
 

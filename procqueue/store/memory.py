@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 
-from ..task import QueueTask, QueueTaskStatus
+from ..task import FINISHED, QueueTask, QueueTaskStatus
 
 
 class MemoryStore:
@@ -19,16 +19,16 @@ class MemoryStore:
 
     def add(self, task: QueueTask, held: bool = True) -> int:
         self.seq += 1
-        self.put(task)
+        self.tasks[task.id] = task  # a new task: never finished
         return self.seq
 
     def put(self, task: QueueTask) -> None:
         self.tasks[task.id] = task
-        if task.status is not None and task.status.finished:
+        if task.status in FINISHED:
             self._finished.append(task.id)
             while len(self._finished) > self.keep_finished:
                 old = self.tasks.get(self._finished.popleft())
-                if old is not None and old.status is not None and old.status.finished:
+                if old is not None and old.status in FINISHED:
                     del self.tasks[old.id]
 
     def get(self, task_id: str) -> QueueTask | None:
