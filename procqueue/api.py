@@ -120,11 +120,11 @@ class Requests:
         return DEFERRED
 
     def on_finish(self, task: QueueTask) -> None:
-        conns = self.waiters.pop(task.id, None)
+        conns = self.waiters.pop(task.id, None) if self.waiters else None
         if conns:
             reply = {"ok": task.to_dict()}
             self.after_commit.extend((conn.reply, reply) for conn in conns)
-        conn = self.notify.pop(task.id, None)
+        conn = self.notify.pop(task.id, None) if self.notify else None
         if conn is not None and not conn.closed:
             event = {
                 "event": "done",

@@ -335,11 +335,12 @@ class Broker:
     def get(self, task_id: str) -> QueueTask | None:
         return self.store.get(task_id)
 
-    def record_run(self, queue: str, seconds: float) -> None:
-        """A finished run's duration (for throughput and percentiles in ``stats``)."""
+    def record_run(self, queue: str, seconds: float, now: float | None = None) -> None:
+        """A finished run's duration (for throughput and percentiles in ``stats``);
+        ``now`` is the monotonic time it ended."""
         state = self.queues.get(queue)
         if state is not None:
-            state.runs.append((time.monotonic(), seconds))
+            state.runs.append((time.monotonic() if now is None else now, seconds))
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: _queue_stats(s) for name, s in self.queues.items()}

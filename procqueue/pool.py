@@ -132,7 +132,11 @@ class WorkerPool:
 
     def _on_frame(self, handle: WorkerHandle, frame: bytes) -> None:
         op = frame[0]
-        if op == wire.OP_DONE:
+        if op == wire.OP_DONE_EMPTY:  # the common case first: a task done, no result
+            task, seconds = self._finish_head(handle, frame[1:].decode())
+            if task is not None:
+                self.broker.succeed(task, None, seconds)
+        elif op == wire.OP_DONE:
             task_id, result = wire.decode(frame)
             task, seconds = self._finish_head(handle, task_id)
             if task is not None:
@@ -162,16 +166,18 @@ class WorkerPool:
 
     def _finish_head(self, handle: WorkerHandle, task_id: str) -> tuple[Any, float]:
         """Pop the task a worker reported on; returns it and its run time."""
-        if not handle.inflight or handle.inflight[0].id != task_id:
+        inflight = handle.inflight
+        if not inflight or inflight[0].id != task_id:
             log.error("worker %s reported task %s it was not running", handle.name, task_id)
             return None, 0.0
-        task = handle.inflight.popleft()
+        task = inflight.popleft()
         handle.tasks_done += 1
         now = time.monotonic()
         seconds = now - handle.started_at
-        self.broker.record_run(task.queue, seconds)
+        self.broker.record_run(task.queue, seconds, now)
         self._start_head(handle, now)
-        self._maybe_recycle(handle, now)
+        if handle.recycles:
+            self._maybe_recycle(handle, now)
         return task, seconds
 
     def _maybe_recycle(self, handle: WorkerHandle, now: float) -> None:
@@ -239,21 +245,28 @@ class WorkerPool:
                 self._dispatch_queue(state)
 
     def _dispatch_queue(self, state: QueueState) -> None:
-        prefetch = state.config.prefetch
-        workers = [s.worker for s in self.slots.get(state.name, ()) if s.worker]
+        """Deal ready tasks to the queue's workers, least loaded first, one per
+        worker per round, until each holds ``1 + prefetch`` or none is left."""
+        limit = 1 + state.config.prefetch
+        workers = [
+            h
+            for s in self.slots.get(state.name, ())
+            if (h := s.worker) is not None and h.state in _ACCEPTING and len(h.inflight) < limit
+        ]
+        workers.sort(key=_load)
         now = time.monotonic()
-        while state.ready:
-            handle = _pick(workers, prefetch)
-            if handle is None:
-                return
-            task = self.broker.take(state)
-            if task is None:
-                return
-            handle.ep.send(wire.encode_task(task, self._limit(task, handle)))
-            handle.inflight.append(task)
-            if len(handle.inflight) == 1:
-                handle.set_state(WorkerState.BUSY)
-                self._start_head(handle, now)
+        take = self.broker.take
+        while workers:
+            for handle in workers:
+                task = take(state)
+                if task is None:
+                    return
+                handle.ep.send(wire.encode_task(task, self._limit(task, handle)))
+                handle.inflight.append(task)
+                if len(handle.inflight) == 1:
+                    handle.set_state(WorkerState.BUSY)
+                    self._start_head(handle, now)
+            workers = [h for h in workers if len(h.inflight) < limit]
 
     # -- deaths ------------------------------------------------------------------------
     def reap(self) -> None:
@@ -476,16 +489,11 @@ class WorkerPool:
         }
 
 
-def _pick(workers: list[WorkerHandle], prefetch: int) -> WorkerHandle | None:
-    """An idle worker if there is one, else the least loaded with room."""
-    best = None
-    for handle in workers:
-        if handle.has_room(prefetch):
-            if not handle.inflight:
-                return handle
-            if best is None or len(handle.inflight) < len(best.inflight):
-                best = handle
-    return best
+_ACCEPTING = frozenset((WorkerState.IDLE, WorkerState.BUSY))
+
+
+def _load(handle: WorkerHandle) -> int:
+    return len(handle.inflight)
 
 
 def _describe_exit(status: int) -> str:

@@ -68,10 +68,10 @@ class WorkerHandle:
             log.debug("worker %s pid %d: %s -> %s", self.name, self.pid, self.state, new)
             self.state = new
 
-    def has_room(self, prefetch: int) -> bool:
-        return self.state in (WorkerState.IDLE, WorkerState.BUSY) and (
-            len(self.inflight) <= prefetch
-        )
+    @property
+    def recycles(self) -> bool:
+        """Whether its queue replaces workers after a task count or an RSS limit."""
+        return bool(self.qconfig.max_tasks_per_child or self.qconfig.max_memory_per_child)
 
 
 def fork_worker(

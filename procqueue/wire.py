@@ -25,6 +25,7 @@ from .task import QueueTask, QueueTaskStatus, trusted_task
 
 OP_TASK, OP_REPLY, OP_STOP = b"T"[0], b"R"[0], b"S"[0]
 OP_BOOTED, OP_BOOT_ERROR, OP_DONE, OP_FAILED, OP_PUBLISH = (ord(c) for c in "BEDFP")
+OP_DONE_EMPTY = ord("d")  # task done, no result to keep: ``d | task id`` (no JSON)
 
 # The built-in task type of ``procqueue.Pool.run`` / ``map``: the payload names a
 # function by import path ({"fn": "module:qualname", "args": [...], "kwargs": {...}}

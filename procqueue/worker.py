@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import gc
 import importlib
 import inspect
 import logging
@@ -45,6 +46,7 @@ EXIT_BOOT_ERROR = 3  # handlers failed to import: the supervisor backs off befor
 SPIN_SECONDS = 50e-6  # poll the ring this long before sleeping on the doorbell
 PR_SET_PDEATHSIG = 1
 MAX_RESULT_BYTES = 1 << 20
+DEFAULT_GC_THRESHOLDS = (700, 10, 10)  # CPython's
 
 Handler = Callable[[Context, QueueTask], Any]
 
@@ -132,6 +134,8 @@ class Worker:
         self.ep.flush()
 
     def _done_frame(self, task: QueueTask, result: Any) -> bytes:
+        if result is None:
+            return b"d" + task.id.encode()
         if task.type != wire.CALL_TYPE:  # a handler's result is kept only if it fits
             return wire.encode(wire.OP_DONE, [task.id, _keepable(result)])
         try:  # a function's result is what the caller waits for: it must travel
@@ -262,6 +266,7 @@ def _on_term(signum: int, frame: Any) -> None:
 def prepare_process(parent: int) -> None:
     """Signal set-up in the fresh child: called right after the fork."""
     signal.set_wakeup_fd(-1)
+    gc.set_threshold(*DEFAULT_GC_THRESHOLDS)  # the supervisor's tuning is not for user code
     for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
