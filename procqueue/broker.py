@@ -37,7 +37,7 @@ from .task import QueueTask, QueueTaskStatus
 from .wire import CALL_TYPE
 
 Clock = Callable[[], float]
-_PENDING = QueueTaskStatus.PENDING
+_PENDING, _RUNNING = QueueTaskStatus.PENDING, QueueTaskStatus.RUNNING
 log = logging.getLogger("procqueue.broker")
 
 
@@ -267,19 +267,25 @@ class Broker:
     # -- running ---------------------------------------------------------------
     def take(self, state: QueueState) -> QueueTask | None:
         """Pop the next ready task of a queue and mark it running."""
-        while state.ready:
-            task = state.ready.popleft()
-            if task.type not in state.config.handlers and not (
-                task.type == CALL_TYPE and state.config.allow_calls
-            ):
+        taken = self.take_many(state, 1)
+        return taken[0] if taken else None
+
+    def take_many(self, state: QueueState, n: int) -> list[QueueTask]:
+        """Pop up to ``n`` ready tasks of a queue and mark them running; a task
+        whose type has no handler is dead-lettered on the way."""
+        ready, cfg, put = state.ready, state.config, self.store.put
+        taken: list[QueueTask] = []
+        while ready and len(taken) < n:
+            task = ready.popleft()
+            if task.type not in cfg.handlers and not (cfg.allow_calls and task.type == CALL_TYPE):
                 msg = f"no handler for task type {task.type!r} in queue {state.name!r}"
                 self._dead(task, state, TaskHandlerNotFound(msg).message)
                 continue
-            task.status = QueueTaskStatus.RUNNING
-            state.running += 1
-            self.store.put(task)
-            return task
-        return None
+            task.status = _RUNNING
+            put(task)
+            taken.append(task)
+        state.running += len(taken)
+        return taken
 
     def give_back(self, task: QueueTask) -> None:
         """A task handed out but never started goes back first in line, uncharged."""

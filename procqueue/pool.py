@@ -245,8 +245,8 @@ class WorkerPool:
                 self._dispatch_queue(state)
 
     def _dispatch_queue(self, state: QueueState) -> None:
-        """Deal ready tasks to the queue's workers, least loaded first, one per
-        worker per round, until each holds ``1 + prefetch`` or none is left."""
+        """Deal ready tasks to the queue's workers, least loaded first, an even
+        share each, until each holds ``1 + prefetch``; one frame per worker."""
         limit = 1 + state.config.prefetch
         workers = [
             h
@@ -255,18 +255,17 @@ class WorkerPool:
         ]
         workers.sort(key=_load)
         now = time.monotonic()
-        take = self.broker.take
-        while workers:
-            for handle in workers:
-                task = take(state)
-                if task is None:
-                    return
-                handle.ep.send(wire.encode_task(task, self._limit(task, handle)))
-                handle.inflight.append(task)
-                if len(handle.inflight) == 1:
-                    handle.set_state(WorkerState.BUSY)
-                    self._start_head(handle, now)
-            workers = [h for h in workers if len(h.inflight) < limit]
+        for left, handle in zip(range(len(workers), 0, -1), workers, strict=True):
+            share = min(limit - len(handle.inflight), -(-len(state.ready) // left))  # ceil
+            tasks = self.broker.take_many(state, share)
+            if not tasks:
+                return
+            handle.ep.send(wire.encode_tasks(tasks, handle.qconfig.timeout))
+            was_idle = not handle.inflight
+            handle.inflight.extend(tasks)
+            if was_idle:
+                handle.set_state(WorkerState.BUSY)
+                self._start_head(handle, now)
 
     # -- deaths ------------------------------------------------------------------------
     def reap(self) -> None:

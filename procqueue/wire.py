@@ -1,12 +1,13 @@
 """Frames between the supervisor and its workers (carried by ``ring.Channel``).
 
-Every frame starts with one opcode byte. Task frames keep the payload raw
-(no base64): ``b"T" | u32 meta length (LE) | orjson meta | payload bytes``,
-where meta is the list described below. Every other frame is
-``opcode | orjson body``.
+Every frame starts with one opcode byte. A task frame carries one or more
+tasks (all a dispatch hands one worker at once) and keeps payloads raw (no
+base64): ``b"T" | u32 meta length (LE) | orjson [meta, ...] | payloads``,
+where each meta is the list described below and the payloads follow in the
+same order. Every other frame is ``opcode | orjson body``.
 
 down (supervisor -> worker)      up (worker -> supervisor)
-  T  run this task                 B  booted: handlers imported       {pid}
+  T  run these tasks, in order     B  booted: handlers imported       {pid}
   R  reply to a publish            E  boot failed (then exits 3)      {error}
   S  stop after the current task   D  task done        [id, result]
                                    F  task failed      [id, code, message, retry]
@@ -33,10 +34,11 @@ OP_DONE_EMPTY = ord("d")  # task done, no result to keep: ``d | task id`` (no JS
 CALL_TYPE = "procqueue.call"
 
 _META_LEN = struct.Struct("<I")
-# A task frame's meta list, in order (encode_task / decode_task):
+# A task's meta list, in order (encode_tasks / decode_tasks):
 # id, queue, type, key, headers, delay, timeout, max_retry, attempt,
-# created_at, available_at (timestamps) and limit, the effective time limit in
-# seconds (the task's timeout, else the queue's; 0 = none).
+# created_at, available_at (timestamps), limit, the effective time limit in
+# seconds (the task's timeout, else the queue's; 0 = none), and the length of
+# its payload in the frame's tail.
 
 
 def encode(op: int, body: Any) -> bytes:
@@ -47,60 +49,64 @@ def decode(frame: bytes) -> Any:
     return orjson.loads(memoryview(frame)[1:])
 
 
-def encode_task(task: QueueTask, limit: float) -> bytes:
-    meta = orjson.dumps(
-        [
-            task.id,
-            task.queue,
-            task.type,
-            task.key,
-            task.headers,
-            task.delay,
-            task.timeout,
-            task.max_retry,
-            task.attempt,
-            _ts(task.created_at),
-            _ts(task.available_at),
-            limit,
-        ]
-    )
-    return b"T" + _META_LEN.pack(len(meta)) + meta + (task.payload or b"")
+def encode_tasks(tasks: list[QueueTask], default_limit: float) -> bytes:
+    """One frame for ``tasks``; ``default_limit`` applies to a task without a timeout."""
+    metas = []
+    payloads = []
+    for task in tasks:
+        payload = task.payload
+        metas.append(
+            [
+                task.id,
+                task.queue,
+                task.type,
+                task.key,
+                task.headers,
+                task.delay,
+                task.timeout,
+                task.max_retry,
+                task.attempt,
+                _ts(task.created_at),
+                _ts(task.available_at),
+                task.timeout or default_limit,
+                len(payload) if payload else 0,
+            ]
+        )
+        if payload:
+            payloads.append(payload)
+    meta = orjson.dumps(metas)
+    return b"T" + _META_LEN.pack(len(meta)) + meta + b"".join(payloads)
 
 
-def decode_task(frame: bytes) -> tuple[QueueTask, float]:
+def decode_tasks(frame: bytes) -> list[tuple[QueueTask, float]]:
+    """The tasks of a task frame, each with its time limit (0 = none)."""
     (size,) = _META_LEN.unpack_from(frame, 1)
-    (
-        tid,
-        queue,
-        ttype,
-        key,
-        headers,
-        delay,
-        timeout,
-        max_retry,
-        attempt,
-        created,
-        available,
-        limit,
-    ) = orjson.loads(frame[5 : 5 + size])  # a copy of ~100 bytes beats a memoryview
-    payload = frame[5 + size :] or None
-    task = trusted_task(
-        queue,
-        ttype,
-        payload,
-        key,
-        headers,
-        float(delay),
-        float(timeout),
-        max_retry,
-        tid,
-        attempt,
-        QueueTaskStatus.RUNNING,
-        "",
-        _dt(created),
-        _dt(available),
-    )
-    return task, limit
+    pos = 5 + size
+    out = []
+    running = QueueTaskStatus.RUNNING
+    for meta in orjson.loads(frame[5:pos]):  # a copy of the meta beats a memoryview
+        tid, queue, ttype, key, headers, delay, timeout, retries, attempt, *rest = meta
+        created, available, limit, size = rest
+        payload = frame[pos : pos + size] if size else None
+        pos += size
+        task = trusted_task(
+            queue,
+            ttype,
+            payload,
+            key,
+            headers,
+            float(delay),
+            float(timeout),
+            retries,
+            tid,
+            attempt,
+            running,
+            "",
+            _dt(created),
+            _dt(available),
+        )
+        out.append((task, limit))
+    return out
 
 
 # One-entry caches: the tasks of one publish share their created_at (and, with

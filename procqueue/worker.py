@@ -43,7 +43,7 @@ from .task import QueueTask
 log = logging.getLogger("procqueue.worker")
 
 EXIT_BOOT_ERROR = 3  # handlers failed to import: the supervisor backs off before a new try
-SPIN_SECONDS = 50e-6  # poll the ring this long before sleeping on the doorbell
+SPIN_SECONDS = float(os.environ.get("PQ_WSPIN", "50e-6"))  # poll the ring this long before sleeping on the doorbell
 PR_SET_PDEATHSIG = 1
 MAX_RESULT_BYTES = 1 << 20
 DEFAULT_GC_THRESHOLDS = (700, 10, 10)  # CPython's
@@ -63,6 +63,8 @@ class Worker:
         self.handlers: dict[str, Handler] = {}
         self.functions: dict[str, Callable[..., Any]] = {}  # Pool.run targets, resolved once
         self.backlog: collections.deque[bytes] = collections.deque()  # frames read early
+        # Tasks of the last task frame not run yet: they come before any later frame.
+        self.tasks: collections.deque[tuple[QueueTask, float]] = collections.deque()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._rid = 0
@@ -89,6 +91,9 @@ class Worker:
     def serve(self) -> NoReturn:
         try:
             while not (self.stopping or _terminated):
+                if self.tasks:
+                    self._run(*self.tasks.popleft())
+                    continue
                 frame = self._next_frame()
                 if frame is not None:
                     self._on_frame(frame)
@@ -112,8 +117,7 @@ class Worker:
     def _on_frame(self, frame: bytes) -> None:
         op = frame[0]
         if op == wire.OP_TASK:
-            task, limit = wire.decode_task(frame)
-            self._run(task, limit)
+            self.tasks.extend(wire.decode_tasks(frame))
         elif op == wire.OP_STOP:
             raise _Stop()
         else:
