@@ -296,10 +296,13 @@ class Broker:
         self.store.put(task)
 
     def succeed(self, task: QueueTask, result: Any = None, seconds: float | None = None) -> None:
-        """A run succeeded; ``seconds`` is its run time when known (for metrics)."""
+        """A run succeeded; ``seconds`` is its run time when known (for ``stats``
+        and metrics)."""
         state = self.queues[task.queue]
         state.running -= 1
         state.counters.succeeded += 1
+        if seconds is not None:
+            state.runs.append((time.monotonic(), seconds))
         task.status = QueueTaskStatus.SUCCEEDED
         task.result = result
         self.store.put(task)
@@ -310,9 +313,12 @@ class Broker:
     def fail(
         self, task: QueueTask, error: str, retry: bool = True, seconds: float | None = None
     ) -> QueueTaskStatus:
-        """Apply a failed attempt: retry after ``retry_delay`` or dead-letter it."""
+        """Apply a failed attempt: retry after ``retry_delay`` or dead-letter it;
+        ``seconds`` is its run time when known."""
         state = self.queues[task.queue]
         state.running -= 1
+        if seconds is not None:
+            state.runs.append((time.monotonic(), seconds))
         limit = task.max_retry if task.max_retry > 0 else state.config.max_retry
         if not retry or task.attempt >= limit:
             self._dead(task, state, error)
@@ -340,13 +346,6 @@ class Broker:
 
     def get(self, task_id: str) -> QueueTask | None:
         return self.store.get(task_id)
-
-    def record_run(self, queue: str, seconds: float, now: float | None = None) -> None:
-        """A finished run's duration (for throughput and percentiles in ``stats``);
-        ``now`` is the monotonic time it ended."""
-        state = self.queues.get(queue)
-        if state is not None:
-            state.runs.append((time.monotonic() if now is None else now, seconds))
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: _queue_stats(s) for name, s in self.queues.items()}

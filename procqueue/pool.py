@@ -127,23 +127,38 @@ class WorkerPool:
         for handle in list(self.by_pid.values()):
             if handle.ep.closed and not handle.ep.rx.readable():
                 continue
-            for frame in handle.ep.recv():
-                self._on_frame(handle, frame)
+            frames = handle.ep.recv()
+            if frames:
+                self._on_frames(handle, frames)
+
+    def _on_frames(self, handle: WorkerHandle, frames: list[bytes]) -> None:
+        """A worker's frames, in order. Once its outcomes are applied, the task
+        then at the head of its ring is taken to start now (for the hard time
+        limit); run times come from the worker itself."""
+        done = handle.tasks_done
+        for frame in frames:
+            self._on_frame(handle, frame)
+        if handle.tasks_done != done:
+            now = time.monotonic()
+            self._start_head(handle, now)
+            if handle.recycles:
+                self._maybe_recycle(handle, now)
 
     def _on_frame(self, handle: WorkerHandle, frame: bytes) -> None:
         op = frame[0]
-        if op == wire.OP_DONE_EMPTY:  # the common case first: a task done, no result
-            task, seconds = self._finish_head(handle, frame[1:].decode())
+        if op == wire.OP_DONE_EMPTY:  # the common case first: done, no result
+            seconds, task_id = wire.decode_done_empty(frame)
+            task = self._pop_head(handle, task_id)
             if task is not None:
                 self.broker.succeed(task, None, seconds)
         elif op == wire.OP_DONE:
-            task_id, result = wire.decode(frame)
-            task, seconds = self._finish_head(handle, task_id)
+            task_id, result, seconds = wire.decode(frame)
+            task = self._pop_head(handle, task_id)
             if task is not None:
                 self.broker.succeed(task, result, seconds)
         elif op == wire.OP_FAILED:
-            task_id, _code, message, retry, *_ = wire.decode(frame)
-            task, seconds = self._finish_head(handle, task_id)
+            task_id, _code, message, retry, seconds, *_ = wire.decode(frame)
+            task = self._pop_head(handle, task_id)
             if task is not None:
                 status = self.broker.fail(task, message, retry, seconds)
                 log.info(
@@ -164,21 +179,14 @@ class WorkerPool:
         elif op == wire.OP_BOOT_ERROR:
             handle.boot_error = wire.decode(frame)["error"]
 
-    def _finish_head(self, handle: WorkerHandle, task_id: str) -> tuple[Any, float]:
-        """Pop the task a worker reported on; returns it and its run time."""
+    def _pop_head(self, handle: WorkerHandle, task_id: str) -> Any:
+        """The task a worker reported on: the head of what it holds."""
         inflight = handle.inflight
         if not inflight or inflight[0].id != task_id:
             log.error("worker %s reported task %s it was not running", handle.name, task_id)
-            return None, 0.0
-        task = inflight.popleft()
+            return None
         handle.tasks_done += 1
-        now = time.monotonic()
-        seconds = now - handle.started_at
-        self.broker.record_run(task.queue, seconds, now)
-        self._start_head(handle, now)
-        if handle.recycles:
-            self._maybe_recycle(handle, now)
-        return task, seconds
+        return inflight.popleft()
 
     def _maybe_recycle(self, handle: WorkerHandle, now: float) -> None:
         """Replace a worker that ran its quota of tasks or grew past its memory limit."""
@@ -282,8 +290,9 @@ class WorkerPool:
                 self._on_exit(handle, status)
 
     def _on_exit(self, handle: WorkerHandle, status: int) -> None:
-        for frame in handle.ep.recv():  # outcomes it sent just before it died
-            self._on_frame(handle, frame)
+        frames = handle.ep.recv()  # outcomes it sent just before it died
+        if frames:
+            self._on_frames(handle, frames)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(handle.ep.sock)
         handle.ep.close()

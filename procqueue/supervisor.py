@@ -40,7 +40,7 @@ HANDLED_SIGNALS = tuple(sorted(SUPERVISOR_SIGNALS))
 STATUS_EVERY = 10.0  # seconds between systemd STATUS= updates
 # While tasks run, poll the up rings this long before sleeping: a short task's
 # outcome then costs neither a doorbell write nor a wake-up. Never when idle.
-SPIN_SECONDS = float(os.environ.get("PQ_SPIN", "50e-6"))
+SPIN_SECONDS = 50e-6
 # The supervisor holds every task it tracks (the memory store keeps up to
 # 100,000 finished ones) and creates a few objects per task: with Python's
 # default thresholds (700, 10, 10) the collector ran ~1,200 times per 100,000

@@ -26,7 +26,8 @@ from .task import QueueTask, QueueTaskStatus, trusted_task
 
 OP_TASK, OP_REPLY, OP_STOP = b"T"[0], b"R"[0], b"S"[0]
 OP_BOOTED, OP_BOOT_ERROR, OP_DONE, OP_FAILED, OP_PUBLISH = (ord(c) for c in "BEDFP")
-OP_DONE_EMPTY = ord("d")  # task done, no result to keep: ``d | task id`` (no JSON)
+OP_DONE_EMPTY = ord("d")  # task done, no result to keep: no JSON to encode or parse
+_SECONDS = struct.Struct("<d")
 
 # The built-in task type of ``procqueue.Pool.run`` / ``map``: the payload names a
 # function by import path ({"fn": "module:qualname", "args": [...], "kwargs": {...}}
@@ -47,6 +48,15 @@ def encode(op: int, body: Any) -> bytes:
 
 def decode(frame: bytes) -> Any:
     return orjson.loads(memoryview(frame)[1:])
+
+
+def encode_done_empty(task_id: str, seconds: float) -> bytes:
+    return b"d" + _SECONDS.pack(seconds) + task_id.encode()
+
+
+def decode_done_empty(frame: bytes) -> tuple[float, str]:
+    """(run seconds, task id) of a ``d`` frame."""
+    return _SECONDS.unpack_from(frame, 1)[0], frame[9:].decode()
 
 
 def encode_tasks(tasks: list[QueueTask], default_limit: float) -> bytes:

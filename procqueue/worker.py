@@ -43,7 +43,7 @@ from .task import QueueTask
 log = logging.getLogger("procqueue.worker")
 
 EXIT_BOOT_ERROR = 3  # handlers failed to import: the supervisor backs off before a new try
-SPIN_SECONDS = float(os.environ.get("PQ_WSPIN", "50e-6"))  # poll the ring this long before sleeping on the doorbell
+SPIN_SECONDS = 50e-6  # poll the ring this long before sleeping on the doorbell
 PR_SET_PDEATHSIG = 1
 MAX_RESULT_BYTES = 1 << 20
 DEFAULT_GC_THRESHOLDS = (700, 10, 10)  # CPython's
@@ -127,26 +127,28 @@ class Worker:
         self._title(f"busy {task.id}")
         deadline = time.time() + limit if limit > 0 else None
         ctx = Context(task, deadline, self.name, self._publish)
+        start = time.perf_counter()
         try:
             result = self._call(task, ctx, limit)
         except BaseException as exc:  # every failure is reported; SystemExit also ends us
             if not isinstance(exc, Exception):
                 self.stopping = True
-            self.ep.send(wire.encode(wire.OP_FAILED, _failure(task, exc)))
+            failure = _failure(task, exc, time.perf_counter() - start)
+            self.ep.send(wire.encode(wire.OP_FAILED, failure))
         else:
-            self.ep.send(self._done_frame(task, result))
+            self.ep.send(self._done_frame(task, result, time.perf_counter() - start))
         self.ep.flush()
 
-    def _done_frame(self, task: QueueTask, result: Any) -> bytes:
+    def _done_frame(self, task: QueueTask, result: Any, seconds: float) -> bytes:
         if result is None:
-            return b"d" + task.id.encode()
+            return wire.encode_done_empty(task.id, seconds)
         if task.type != wire.CALL_TYPE:  # a handler's result is kept only if it fits
-            return wire.encode(wire.OP_DONE, [task.id, _keepable(result)])
+            return wire.encode(wire.OP_DONE, [task.id, _keepable(result), seconds])
         try:  # a function's result is what the caller waits for: it must travel
-            return wire.encode(wire.OP_DONE, [task.id, result])
+            return wire.encode(wire.OP_DONE, [task.id, result, seconds])
         except TypeError as exc:
             error = InvalidQueuePayload(f"the function's result is not JSON-serialisable: {exc}")
-            return wire.encode(wire.OP_FAILED, [task.id, error.code, error.message, False])
+            return wire.encode(wire.OP_FAILED, [task.id, error.code, error.message, False, seconds])
 
     def _call(self, task: QueueTask, ctx: Context, limit: float) -> Any:
         handler = self.handlers.get(task.type)
@@ -232,15 +234,15 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(exc)).strip()
 
 
-def _failure(task: QueueTask, exc: BaseException) -> list[Any]:
-    """The F frame body: [id, code, message, retry]."""
+def _failure(task: QueueTask, exc: BaseException, seconds: float) -> list[Any]:
+    """The F frame body: [id, code, message, retry, seconds, traceback?]."""
     if isinstance(exc, TaskTimeout):
-        return [task.id, exc.code, f"timeout: {exc.message}", True]
+        return [task.id, exc.code, f"timeout: {exc.message}", True, seconds]
     if isinstance(exc, TaskHandlerNotFound):
-        return [task.id, exc.code, exc.message, False]
+        return [task.id, exc.code, exc.message, False, seconds]
     code = exc.code if isinstance(exc, ProcQueueError) else 0
     tb = traceback.format_exception(exc)
-    return [task.id, code, _describe(exc), True, "".join(tb[-6:])]
+    return [task.id, code, _describe(exc), True, seconds, "".join(tb[-6:])]
 
 
 def _keepable(result: Any) -> Any:
