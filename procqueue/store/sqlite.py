@@ -29,7 +29,8 @@ from typing import Any
 import orjson
 
 from ..errors import DaemonUnavailable, InternalError
-from ..task import QueueTask, QueueTaskStatus
+from ..task import FINISHED, QueueTask, QueueTaskStatus
+from .writer import COLUMNS as _COLUMNS
 from .writer import Batch, Writer
 
 SCHEMA_VERSION = 2
@@ -72,24 +73,6 @@ MIGRATIONS: list[str] = [
     CREATE INDEX tasks_finished_at ON tasks (finished_at);
     """,
 ]
-
-_COLUMNS = (
-    "seq, id, queue, type, key, payload, headers, delay, timeout, max_retry, attempt, "
-    "status, last_error, created_at, available_at, result, finished_at"
-)
-_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
-_UPDATE = (
-    "UPDATE tasks SET attempt = ?, status = ?, last_error = ?, available_at = ?, "
-    "result = ?, finished_at = ? WHERE id = ?"
-)
-# The same by admission seq (the rowid): no detour through the id index. Used for
-# the tasks this supervisor holds, whose seq it knows.
-_UPDATE_BY_SEQ = _UPDATE.replace("WHERE id = ?", "WHERE seq = ?")
-# Before a task finishes, result and finished_at stay NULL: leaving them out of
-# the SET keeps SQLite off the finished_at index.
-_UPDATE_UNFINISHED = (
-    "UPDATE tasks SET attempt = ?, status = ?, last_error = ?, available_at = ? WHERE seq = ?"
-)
 
 
 class StoreLocked(DaemonUnavailable):
@@ -157,17 +140,7 @@ class SqliteStore:
             return 0
         now = time.time()
         inserts = [_row(seq, t, now) for seq, t in self._new.values()]
-        unfinished, by_seq, by_id = self._sort_changes(now)
-        statements = [
-            (sql, rows)
-            for sql, rows in (
-                (_INSERT, inserts),
-                (_UPDATE_UNFINISHED, unfinished),
-                (_UPDATE_BY_SEQ, by_seq),
-                (_UPDATE, by_id),
-            )
-            if rows
-        ]
+        states, by_id = self._sort_changes(now)
         self._ticket += 1
         ticket = self._ticket
         max_seq = max((seq for seq, _ in self._new.values()), default=0)
@@ -179,7 +152,7 @@ class SqliteStore:
         self._batches.append((ticket, ids))
         self._new.clear()
         self._changed.clear()
-        self.writer.submit(Batch(ticket, max_seq, statements))
+        self.writer.submit(Batch(ticket, max_seq, inserts, states, by_id))
         return ticket
 
     def durable(self) -> int:
@@ -207,31 +180,21 @@ class SqliteStore:
         self.writer.wait(self.commit() or self._ticket)
         self.durable()
 
-    def _sort_changes(self, now: float) -> tuple[list[Any], list[Any], list[Any]]:
-        """Split the updates: unfinished tasks we hold (few columns), finished ones
-        we hold (by seq), and tasks whose seq we do not know (by id)."""
-        unfinished: list[Any] = []
-        by_seq: list[Any] = []
+    def _sort_changes(self, now: float) -> tuple[list[Any], list[Any]]:
+        """The updates as state rows of tasks we hold (by seq) and full updates
+        of tasks whose seq we do not know (by id)."""
+        states: list[Any] = []
         by_id: list[Any] = []
         seqs = self._seqs
         for task in self._changed.values():
             seq = seqs.get(task.id)
             if seq is None:
-                by_id.append(_update_row(task, now))
-            elif task.status is not None and task.status.finished:
-                by_seq.append((*_update_row(task, now)[:-1], seq))
-                del seqs[task.id]
-            else:
-                unfinished.append(
-                    (
-                        task.attempt,
-                        str(task.status or "pending"),
-                        task.last_error,
-                        _ts(task.available_at),
-                        seq,
-                    )
-                )
-        return unfinished, by_seq, by_id
+                by_id.append((*_state(task, now), task.id))
+                continue
+            if task.status in FINISHED:
+                del seqs[task.id]  # we no longer hold it
+            states.append((seq, *_state(task, now)))
+        return states, by_id
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -325,45 +288,45 @@ def _ts(value: datetime | None) -> float:
 
 
 def _finished_at(task: QueueTask, now: float) -> float | None:
-    return now if task.status is not None and task.status.finished else None
+    return now if task.status in FINISHED else None
 
 
 def _result(task: QueueTask) -> str | None:
     return None if task.result is None else orjson.dumps(task.result).decode()
 
 
-def _row(seq: int, t: QueueTask, now: float) -> tuple[Any, ...]:
-    return (
+def _status(task: QueueTask) -> str:
+    return task.status.value if task.status else "pending"
+
+
+def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
+    """An INSERT row (a list: the writer may fold later states into it)."""
+    return [
         seq,
         t.id,
         t.queue,
         t.type,
         t.key,
         t.payload,
-        orjson.dumps(t.headers).decode(),
+        orjson.dumps(t.headers).decode() if t.headers else "{}",
         t.delay,
         t.timeout,
         t.max_retry,
         t.attempt,
-        str(t.status or "pending"),
+        _status(t),
         t.last_error,
         _ts(t.created_at),
         _ts(t.available_at),
         _result(t),
         _finished_at(t, now),
-    )
+    ]
 
 
-def _update_row(t: QueueTask, now: float) -> tuple[Any, ...]:
-    return (
-        t.attempt,
-        str(t.status or "pending"),
-        t.last_error,
-        _ts(t.available_at),
-        _result(t),
-        _finished_at(t, now),
-        t.id,
-    )
+def _state(t: QueueTask, now: float) -> tuple[Any, ...]:
+    """What changes after the INSERT: attempt, status, last_error,
+    available_at, result, finished_at."""
+    available = _ts(t.available_at)
+    return (t.attempt, _status(t), t.last_error, available, _result(t), _finished_at(t, now))
 
 
 def _task(row: Iterable[Any]) -> QueueTask:
