@@ -13,16 +13,16 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from .broker import Broker
 from .control import DEFERRED, Conn, error_reply
 from .errors import InvalidQueueTask, ProtocolError, QueueFull, TaskNotFound
 from .store import Store
-from .task import QueueTask, QueueTaskStatus
+from .task import QueueTask, QueueTaskStatus, stamp
 
 Reply = dict[str, Any]
+Answer = Callable[[Any], None]  # sends the reply of one request (Conn.defer)
 
 
 class Requests:
@@ -34,13 +34,14 @@ class Requests:
         state: Callable[[], str],
     ) -> None:
         self.broker, self.store, self._status, self.state = broker, store, status, state
-        self.after_commit: list[tuple[Callable[[Any], None], Reply]] = []  # (send, frame)
-        self.held: collections.deque[tuple[int, list[tuple[Callable[[Any], None], Reply]]]] = (
+        self.after_commit: list[tuple[Answer, Reply]] = []  # (send, frame)
+        self.held: collections.deque[tuple[int, list[tuple[Answer, Reply]]]] = (
             collections.deque()
         )  # replies of committed turns, waiting for their ticket
-        self.waiters: dict[str, list[Conn]] = {}
+        self.waiters: dict[str, list[Answer]] = {}  # task id -> the waits to answer
         self.notify: dict[str, Conn] = {}  # task id -> the connection that wants its outcome
-        self.wait_timers: list[tuple[float, int, str, Conn]] = []  # (monotonic, seq, id, conn)
+        # (monotonic deadline, seq, task id, answer) of waits with a timeout
+        self.wait_timers: list[tuple[float, int, str, Answer]] = []
         self._seq = itertools.count()
         self.extra: dict[str, Callable[[dict[str, Any]], Any]] = {}  # more ops (cron ...)
 
@@ -78,11 +79,18 @@ class Requests:
         raw = req.get("tasks")
         if not isinstance(raw, list):
             raise InvalidQueueTask('publish needs "tasks": a list of task objects')
-        tasks = [QueueTask.from_dict(t) for t in raw]
         shape = _REPLY_SHAPES[req.get("brief") or "tasks"]
+        # "chained": the next part of one publish_many, refused unless the part
+        # before it got in whole, so that what is admitted stays a prefix.
+        if req.get("chained") and not conn.session.get("chain_ok", True):
+            refused = InvalidQueueTask("not admitted: an earlier part of this publish was refused")
+            return error_reply(refused, accepted=shape([]))
+        conn.session["chain_ok"] = False
+        tasks = [QueueTask.from_dict(t) for t in raw]
         try:
             stored = self.broker.publish(tasks)
             reply: Reply = {"ok": shape(stored)}
+            conn.session["chain_ok"] = True
         except QueueFull as exc:
             stored = getattr(exc, "accepted", [])
             reply = error_reply(exc, accepted=shape(stored))
@@ -91,7 +99,7 @@ class Requests:
                 self.notify[task.id] = conn
         if req.get("wait") and "ok" in reply and len(stored) == 1:
             return self._wait(conn, {"id": stored[0].id, "timeout": req.get("timeout")})
-        self.after_commit.append((conn.reply, reply))
+        self.after_commit.append((conn.defer(), reply))
         return DEFERRED
 
     def publish_from_worker(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,17 +121,18 @@ class Requests:
         timeout = req.get("timeout")
         if (task.status is not None and task.status.finished) or timeout == 0:
             return {"ok": task.to_dict()}
-        self.waiters.setdefault(task_id, []).append(conn)
+        answer = conn.defer()
+        self.waiters.setdefault(task_id, []).append(answer)
         if isinstance(timeout, int | float) and timeout > 0:
-            entry = (time.monotonic() + timeout, next(self._seq), task_id, conn)
+            entry = (time.monotonic() + timeout, next(self._seq), task_id, answer)
             heapq.heappush(self.wait_timers, entry)
         return DEFERRED
 
     def on_finish(self, task: QueueTask) -> None:
-        conns = self.waiters.pop(task.id, None) if self.waiters else None
-        if conns:
+        answers = self.waiters.pop(task.id, None) if self.waiters else None
+        if answers:
             reply = {"ok": task.to_dict()}
-            self.after_commit.extend((conn.reply, reply) for conn in conns)
+            self.after_commit.extend((answer, reply) for answer in answers)
         conn = self.notify.pop(task.id, None) if self.notify else None
         if conn is not None and not conn.closed:
             event = {
@@ -141,10 +150,10 @@ class Requests:
     def expire_waits(self, now: float) -> None:
         """``wait`` with a timeout that ran out: answer with the task as it is."""
         while self.wait_timers and self.wait_timers[0][0] <= now:
-            _, _, task_id, conn = heapq.heappop(self.wait_timers)
-            if conn in self.waiters.get(task_id, ()):
-                self.waiters[task_id].remove(conn)
-                conn.reply({"ok": self.task(task_id).to_dict()})
+            _, _, task_id, answer = heapq.heappop(self.wait_timers)
+            if answer in self.waiters.get(task_id, ()):
+                self.waiters[task_id].remove(answer)
+                answer({"ok": self.task(task_id).to_dict()})
 
     def hold_until(self, ticket: int) -> None:
         """This turn's replies go out once the store says ``ticket`` is durable."""
@@ -185,20 +194,16 @@ def _brief_ids(tasks: list[QueueTask]) -> dict[str, Any]:
         return {"ids": []}
     created, status = tasks[-1].created_at, tasks[-1].status
     others = [
-        [i, _stamp(t.created_at), t.status]
+        [i, stamp(t.created_at), t.status]
         for i, t in enumerate(tasks)
         if t.created_at is not created or t.status is not status
     ]
     return {
         "ids": [t.id for t in tasks],
-        "created": _stamp(created),
+        "created": stamp(created),
         "status": status,
         "others": others,
     }
-
-
-def _stamp(when: datetime | None) -> float:
-    return when.timestamp() if when else 0.0
 
 
 # How a publish reply describes what was admitted: whole tasks (the default), a

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from .config import TaskQueueConfig
@@ -33,7 +33,7 @@ from .errors import (
     TaskHandlerNotFound,
 )
 from .store import Store
-from .task import QueueTask, QueueTaskStatus
+from .task import QueueTask, QueueTaskStatus, from_stamp, stamp
 from .wire import CALL_TYPE
 
 Clock = Callable[[], float]
@@ -146,7 +146,7 @@ class Broker:
         states = [self.validate(t) for t in tasks]  # all valid, or nothing admitted
         accepted: list[QueueTask] = []
         now = self.clock()
-        created = _dt(now)  # one datetime for the whole batch (immutable, so shared)
+        created = from_stamp(now)  # one datetime for the whole batch (immutable, so shared)
         spills, get = self.store.spills, self.store.get
         for task, state in zip(tasks, states, strict=True):
             if task.id and (known := get(task.id)) is not None:
@@ -170,7 +170,7 @@ class Broker:
             task.id = f"{self._id_prefix}{self._ids:010x}"
         task.status, task.attempt, task.last_error, task.result = _PENDING, 0, "", None
         task.created_at = created
-        task.available_at = _dt(now + task.delay) if task.delay else created
+        task.available_at = from_stamp(now + task.delay) if task.delay else created
         state.counters.published += 1
         if self.metrics is not None:
             self.metrics.published(state.name)
@@ -202,7 +202,7 @@ class Broker:
             now = self.clock()
             for seq, task in page:
                 state.cursor = seq
-                self._enqueue(task, state, _ts(task.available_at), now)
+                self._enqueue(task, state, stamp(task.available_at), now)
             state.on_disk = max(0, state.on_disk - len(page))
             # Drained only if nothing spilled is still on its way to the disk.
             if len(page) < room and self.store.committed_seq >= state.last_spilled:  # type: ignore[attr-defined]
@@ -224,7 +224,7 @@ class Broker:
             else:  # charged one attempt; the paging below brings it back
                 task.attempt += 1
                 task.status = QueueTaskStatus.PENDING
-                task.available_at = _dt(now)
+                task.available_at = from_stamp(now)
             store.put(task)
         store.sync()
         for name, count in store.unfinished_counts().items():
@@ -244,7 +244,7 @@ class Broker:
         """A dead letter back in line as a fresh pending task (attempt 0)."""
         state = self.validate(task)
         task.status, task.attempt, task.result = QueueTaskStatus.PENDING, 0, None
-        task.available_at = _dt(self.clock())
+        task.available_at = from_stamp(self.clock())
         self.store.put(task)
         state.ready.append(task)
         return task
@@ -331,7 +331,7 @@ class Broker:
         task.attempt += 1
         task.last_error = error
         task.status = QueueTaskStatus.RETRYING
-        task.available_at = _dt(now + state.config.retry_delay)
+        task.available_at = from_stamp(now + state.config.retry_delay)
         state.counters.retried += 1
         self.store.put(task)
         self._enqueue(task, state, now + state.config.retry_delay, now)
@@ -377,11 +377,3 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
     return round(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))], 6)
-
-
-def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def _ts(value: datetime | None) -> float:
-    return value.timestamp() if value else 0.0

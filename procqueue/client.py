@@ -6,7 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,12 @@ import orjson
 from .control import FRAME, encode_frame
 from .cron import CronTask
 from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
-from .task import QueueTask, QueueTaskStatus, trusted_task
+from .task import QueueTask, QueueTaskStatus, from_stamp, trusted_task
+
+# Tasks per publish request: ``publish_many`` sends longer lists as pipelined
+# parts of this size, so that the daemon's admission, dispatch and commit of
+# one part overlap with the sending of the next.
+PUBLISH_PART = 256
 
 
 class Client:
@@ -44,32 +49,57 @@ class Client:
     def publish_many(
         self, tasks: Iterable[QueueTask], block: bool = True, timeout: float | None = None
     ) -> list[QueueTask]:
-        """Publish tasks in one round trip.
+        """Publish tasks, admitted in order; returns the stored copies.
 
+        Many tasks go as pipelined requests of ``PUBLISH_PART`` tasks: the
+        daemon admits, dispatches and commits one part while later ones are
+        still on their way. A part is refused if the one before it was not
+        wholly admitted, so what got in is always a prefix of ``tasks``.
         When a queue is full (``buffer_size``), ``block=True`` waits and sends
         the rest again until ``timeout`` (None = forever); ``block=False``
-        raises ``QueueFull`` (its ``accepted`` attribute lists what got in).
+        raises ``QueueFull``. Every error raised lists in its ``accepted``
+        attribute the stored copies of what got in.
         """
         sources = list(tasks)
-        todo = [t.to_publish_dict() for t in sources]
         stored: list[QueueTask] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
-            # "brief": the reply is the ids and what they share, not whole tasks.
-            request = {"op": "publish", "tasks": todo, "brief": "ids"}
-            reply = self._call(request, raise_error=False)
-            if "ok" in reply:
-                return stored + _stored_copies(sources[len(stored) :], reply["ok"])
-            err = error_from_dict(reply["error"])
-            accepted = reply.get("accepted") or {"ids": []}
-            stored += _stored_copies(sources[len(stored) :], accepted)
+            briefs, error = self._publish_parts(sources[len(stored) :])
+            for brief in briefs:
+                stored += _stored_copies(sources[len(stored) :], brief)
+            if error is None:
+                return stored
+            err = error_from_dict(error)
             if not isinstance(err, QueueFull) or not block or _past(deadline):
                 err.accepted = stored  # type: ignore[attr-defined]
                 raise err
-            todo = todo[len(accepted["ids"]) :]
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    def _publish_parts(
+        self, tasks: list[QueueTask]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Send ``tasks`` in pipelined parts; the brief replies of the parts
+        admitted and the first error (None if every part got in)."""
+        starts = range(0, max(1, len(tasks)), PUBLISH_PART)
+        requests = (
+            {
+                "op": "publish",
+                "tasks": [t.to_publish_dict() for t in tasks[first : first + PUBLISH_PART]],
+                "brief": "ids",  # the reply is the ids and what they share, not whole tasks
+                "chained": index > 0,  # refused unless the part before got in whole
+            }
+            for index, first in enumerate(starts)
+        )
+        briefs: list[dict[str, Any]] = []
+        for reply in self._exchange(requests, len(starts)):
+            if "ok" in reply:
+                briefs.append(reply["ok"])
+            else:
+                briefs.append(reply.get("accepted") or {"ids": []})
+                return briefs, reply["error"]
+        return briefs, None
 
     def run(self, task: QueueTask, timeout: float | None = None) -> QueueTask:
         """Publish one task and wait for its outcome in a single round trip.
@@ -186,17 +216,26 @@ class Client:
         io_timeout: float | None = -1.0,
     ) -> dict[str, Any]:
         """One request, one reply; ``io_timeout`` -1 means the client's own timeout."""
+        (reply,) = self._exchange([request], 1, io_timeout)
+        if raise_error and "error" in reply:
+            raise error_from_dict(reply["error"])
+        return reply
+
+    def _exchange(
+        self, requests: Iterable[dict[str, Any]], count: int, io_timeout: float | None = -1.0
+    ) -> list[dict[str, Any]]:
+        """Send ``count`` requests, each as soon as it is encoded, then read
+        their replies (the daemon answers in order)."""
         sock = self._connect()
         sock.settimeout(self.timeout if io_timeout == -1.0 else io_timeout)
         try:
-            sock.sendall(encode_frame(request))
-            reply = orjson.loads(self._read_frame(sock))
+            for request in requests:
+                sock.sendall(encode_frame(request))
+            replies = [orjson.loads(self._read_frame(sock)) for _ in range(count)]
         except (OSError, EOFError) as exc:
             self.close()
             raise DaemonUnavailable(f"lost the connection to {self.path}: {exc}") from None
-        if raise_error and "error" in reply:
-            raise error_from_dict(reply["error"])
-        return dict(reply)
+        return replies
 
     def _read_frame(self, sock: socket.socket) -> bytes:
         (size,) = FRAME.unpack(_recv_exact(sock, 4))
@@ -210,8 +249,10 @@ def _stored_copies(sources: list[QueueTask], brief: dict[str, Any]) -> list[Queu
     ids = brief["ids"]
     if not ids:
         return []
-    shared = (_utc(brief["created"]), QueueTaskStatus(brief["status"]))
-    others = {i: (_utc(created), QueueTaskStatus(status)) for i, created, status in brief["others"]}
+    shared = (from_stamp(brief["created"]), QueueTaskStatus(brief["status"]))
+    others = {
+        i: (from_stamp(created), QueueTaskStatus(status)) for i, created, status in brief["others"]
+    }
     out = []
     for i, (task, task_id) in enumerate(zip(sources, ids, strict=False)):
         created_at, status = others.get(i, shared)
@@ -235,10 +276,6 @@ def _stored_copies(sources: list[QueueTask], brief: dict[str, Any]) -> list[Queu
             )
         )
     return out
-
-
-def _utc(stamp: float) -> datetime:
-    return datetime.fromtimestamp(stamp, UTC)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

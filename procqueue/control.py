@@ -10,6 +10,7 @@ error reply and the connection is closed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -29,10 +30,12 @@ log = logging.getLogger("procqueue.control")
 
 FRAME = struct.Struct("<I")
 MAX_REQUEST = 256 << 20  # a 16 MiB payload is ~22 MiB once base64'd into JSON
+MAX_PIPELINE = 256  # requests of one connection handled but not yet answered
 
 
 class Deferred:
-    """Returned by a request handler that will answer later with ``Conn.reply``."""
+    """Returned by a request handler that will answer later, through the
+    function ``Conn.defer`` gave it."""
 
 
 DEFERRED = Deferred()
@@ -49,16 +52,23 @@ def error_reply(exc: ProcQueueError, **extra: Any) -> dict[str, Any]:
 
 
 class Conn:
-    """One client connection: buffers requests, replies strictly in order."""
+    """One client connection. Requests are handled as they arrive, even while
+    earlier ones wait for a deferred answer (a publish waits for its commit),
+    so a client may pipeline; replies always go out in request order."""
 
     def __init__(self, server: ControlServer, sock: socket.socket) -> None:
         self.server, self.sock = server, sock
         self.inbuf = bytearray()
         self.outbuf = bytearray()
-        self.waiting = False  # a deferred request is outstanding
+        # One entry per request not yet sent back, oldest first: [reply frame],
+        # or [None] while the request's answer is deferred.
+        self.answers: collections.deque[list[bytes | None]] = collections.deque()
+        self._current: list[bytes | None] | None = None  # the request being handled
+        self._processing = False
         self.closed = False
         self.close_after_reply = False
         self.want_write = False
+        self.session: dict[str, Any] = {}  # per-connection state of the request handler
 
     def on_event(self, mask: int) -> None:
         if mask & selectors.EVENT_READ:
@@ -80,29 +90,47 @@ class Conn:
         self._process()
 
     def _process(self) -> None:
-        while not self.waiting and not self.closed and len(self.inbuf) >= 4:
-            (size,) = FRAME.unpack_from(self.inbuf)
-            if size > MAX_REQUEST:
-                self.close_after_reply = True
-                self.reply(
-                    error_reply(ProtocolError(f"request of {size} bytes exceeds {MAX_REQUEST}"))
-                )
-                return
-            if len(self.inbuf) < 4 + size:
-                return
-            body = bytes(self.inbuf[4 : 4 + size])
-            del self.inbuf[: 4 + size]
-            self._handle(body)
+        if self._processing:  # an answer given while handling: the loop below goes on
+            return
+        self._processing = True
+        try:
+            while (
+                not self.closed
+                and not self.close_after_reply
+                and len(self.answers) < MAX_PIPELINE
+                and len(self.inbuf) >= 4
+            ):
+                (size,) = FRAME.unpack_from(self.inbuf)
+                if size > MAX_REQUEST:
+                    self.close_after_reply = True
+                    error = ProtocolError(f"request of {size} bytes exceeds {MAX_REQUEST}")
+                    self._answer(self._slot(), error_reply(error))
+                    return
+                if len(self.inbuf) < 4 + size:
+                    return
+                body = bytes(self.inbuf[4 : 4 + size])
+                del self.inbuf[: 4 + size]
+                self._handle(body)
+        finally:
+            self._processing = False
+
+    def _slot(self) -> list[bytes | None]:
+        slot: list[bytes | None] = [None]
+        self.answers.append(slot)
+        return slot
 
     def _handle(self, body: bytes) -> None:
+        slot = self._slot()
         try:
             request = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            self.reply(error_reply(ProtocolError(f"request is not valid JSON: {exc}")))
+            self._answer(slot, error_reply(ProtocolError(f"request is not valid JSON: {exc}")))
             return
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-            self.reply(error_reply(ProtocolError('a request must be an object with a string "op"')))
+            error = ProtocolError('a request must be an object with a string "op"')
+            self._answer(slot, error_reply(error))
             return
+        self._current = slot
         try:
             result = self.server.handler(self, request)
         except ProcQueueError as exc:
@@ -110,20 +138,29 @@ class Conn:
         except Exception as exc:  # a bug must not take the daemon down
             log.exception("control request %r failed", request.get("op"))
             result = error_reply(ProtocolError(f"internal error handling {request['op']!r}: {exc}"))
-        if result is DEFERRED:
-            self.waiting = True
-        else:
-            self.reply(result)
+        finally:
+            self._current = None
+        if result is not DEFERRED:
+            self._answer(slot, result)
 
-    def reply(self, obj: Any) -> None:
-        """Send one reply (also the answer to a deferred request)."""
-        if self.closed:
+    def defer(self) -> Callable[[Any], None]:
+        """For a handler about to return ``DEFERRED``: the function that answers
+        the request being handled, later."""
+        slot = self._current
+        assert slot is not None, "defer() outside a request handler"
+        return lambda obj: self._answer(slot, obj)
+
+    def _answer(self, slot: list[bytes | None], obj: Any) -> None:
+        if self.closed or slot[0] is not None:
             return
-        self.waiting = False
-        self.outbuf += encode_frame(obj)
+        slot[0] = encode_frame(obj)
+        answers = self.answers
+        while answers and (frame := answers[0][0]) is not None:
+            self.outbuf += frame
+            answers.popleft()
         self._write()
-        if not self.closed and not self.waiting:
-            self._process()
+        if not self.closed:
+            self._process()  # requests held back by a full pipeline may go on
 
     def push(self, obj: Any) -> None:
         """An event frame (``{"event": ...}``) outside the request/reply order."""
@@ -140,7 +177,7 @@ class Conn:
         except OSError:
             self.close()
             return
-        if not self.outbuf and self.close_after_reply:
+        if not self.outbuf and not self.answers and self.close_after_reply:
             self.close()
             return
         want_write = bool(self.outbuf)

@@ -237,6 +237,32 @@ def _parse_time(text: str, name: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+# One-entry caches for the two conversions below: the tasks of one publish share
+# their created_at (and, with no delay, available_at is the same object), so the
+# hot paths (task frames, store rows, replies) convert the same time over and
+# over; a datetime is immutable, so sharing one is safe.
+_last_stamp: list[Any] = [None, 0.0]  # [datetime, its timestamp]
+_last_time: list[Any] = [None, None]  # [timestamp, its datetime]
+
+
+def stamp(value: datetime | None) -> float:
+    """POSIX seconds of an aware datetime (0.0 for None)."""
+    if value is _last_stamp[0]:
+        return _last_stamp[1]  # type: ignore[no-any-return]
+    ts = value.timestamp() if value else 0.0
+    _last_stamp[:] = value, ts
+    return ts
+
+
+def from_stamp(value: float) -> datetime:
+    """The UTC datetime of POSIX seconds."""
+    if value == _last_time[0]:
+        return _last_time[1]  # type: ignore[no-any-return]
+    when = datetime.fromtimestamp(value, UTC)
+    _last_time[:] = value, when
+    return when
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

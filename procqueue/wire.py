@@ -17,12 +17,11 @@ down (supervisor -> worker)      up (worker -> supervisor)
 from __future__ import annotations
 
 import struct
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from .task import QueueTask, QueueTaskStatus, trusted_task
+from .task import QueueTask, QueueTaskStatus, from_stamp, stamp, trusted_task
 
 OP_TASK, OP_REPLY, OP_STOP = b"T"[0], b"R"[0], b"S"[0]
 OP_BOOTED, OP_BOOT_ERROR, OP_DONE, OP_FAILED, OP_PUBLISH = (ord(c) for c in "BEDFP")
@@ -76,8 +75,8 @@ def encode_tasks(tasks: list[QueueTask], default_limit: float) -> bytes:
                 task.timeout,
                 task.max_retry,
                 task.attempt,
-                _ts(task.created_at),
-                _ts(task.available_at),
+                stamp(task.created_at),
+                stamp(task.available_at),
                 task.timeout or default_limit,
                 len(payload) if payload else 0,
             ]
@@ -112,31 +111,8 @@ def decode_tasks(frame: bytes) -> list[tuple[QueueTask, float]]:
             attempt,
             running,
             "",
-            _dt(created),
-            _dt(available),
+            from_stamp(created),
+            from_stamp(available),
         )
         out.append((task, limit))
     return out
-
-
-# One-entry caches: the tasks of one publish share their created_at (and, with
-# no delay, available_at is the same object), so consecutive frames convert the
-# same time over and over; a datetime is immutable, so sharing one is safe.
-_last_ts: list[Any] = [None, None]  # [datetime, its timestamp]
-_last_dt: list[Any] = [None, None]  # [timestamp, its datetime]
-
-
-def _ts(value: datetime | None) -> float | None:
-    if value is _last_ts[0]:
-        return _last_ts[1]  # type: ignore[no-any-return]
-    ts = value.timestamp() if value else None
-    _last_ts[:] = value, ts
-    return ts
-
-
-def _dt(value: float | None) -> datetime | None:
-    if value == _last_dt[0]:
-        return _last_dt[1]  # type: ignore[no-any-return]
-    dt = datetime.fromtimestamp(value, UTC) if value is not None else None
-    _last_dt[:] = value, dt
-    return dt

@@ -146,3 +146,46 @@ def test_help_for_every_command():
     for command in ("run", "check", "publish", "task", "status"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage: procqueue" in result.stdout
+
+
+def test_pipelined_requests_are_all_answered_in_order(daemon):
+    task = {"queue": "default", "type": "echo"}
+    requests = [
+        b'{"op": "ping"}',
+        orjson.dumps({"op": "publish", "tasks": [task], "brief": "ids"}),
+        b"{not json",
+        b'{"op": "get_task", "id": "no-such-task"}',
+        orjson.dumps({"op": "publish", "tasks": [task, task], "brief": "count"}),
+        b'{"op": "ping"}',
+    ]
+    with _raw(daemon, b"".join(_frame(body) for body in requests)) as sock:
+        replies = [_reply(sock) for _ in requests]
+    assert replies[0]["ok"]["state"] == "running"
+    assert len(replies[1]["ok"]["ids"]) == 1
+    assert "not valid JSON" in replies[2]["error"]["message"]
+    assert "not found" in replies[3]["error"]["message"]
+    assert replies[4] == {"ok": 2}
+    assert replies[5]["ok"]["state"] == "running"
+
+
+def test_publish_many_sends_parts_and_admits_only_a_prefix(daemon):
+    from procqueue.client import PUBLISH_PART
+    from procqueue.errors import QueueNotRegistered
+
+    client = daemon.client()
+    good = [QueueTask(queue="default", type="echo", key=str(i)) for i in range(PUBLISH_PART * 2)]
+    stored = client.publish_many(good)
+    assert [t.key for t in stored] == [t.key for t in good]
+    assert len({t.id for t in stored}) == len(good)
+    # the second part names an unknown queue: it is refused whole, and the third
+    # part, valid on its own, is refused with it (what got in stays a prefix)
+    mixed = [QueueTask(queue="default", type="echo") for _ in range(PUBLISH_PART * 3)]
+    mixed[PUBLISH_PART + 1] = QueueTask(queue="nowhere", type="echo")
+    before = client.status()["queues"]["default"]["published"]
+    with pytest.raises(QueueNotRegistered) as caught:
+        client.publish_many(mixed)
+    accepted = caught.value.accepted
+    assert len(accepted) == PUBLISH_PART
+    assert client.status()["queues"]["default"]["published"] == before + PUBLISH_PART
+    for task in accepted[-3:]:
+        assert client.wait(task.id, timeout=20).status is QueueTaskStatus.SUCCEEDED

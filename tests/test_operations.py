@@ -250,3 +250,23 @@ def test_reload_flag_picks_up_edits_and_survives_a_syntax_error(short_dir):
         assert daemon.logs().count("SyntaxError") == 1  # reported once, not per retry
     finally:
         daemon.stop()
+
+
+def test_run_times_are_the_workers_own_even_with_prefetch(make_daemon):
+    queues = """
+[queues."pre"]
+concurrency = 1
+prefetch = 8
+[queues."pre".handlers]
+"stamp" = "pqhandlers:stamp"
+"""
+    daemon = make_daemon(queues)
+    client = daemon.client()
+    quick = [QueueTask(queue="pre", type="stamp") for _ in range(8)]
+    slow = QueueTask(queue="pre", type="stamp", payload=marshal_payload({"sleep": 0.3}))
+    stored = client.publish_many([*quick, slow, *quick])
+    client.wait(stored[-1].id, timeout=20)
+    queue = client.status()["queues"]["pre"]
+    # 16 quick runs and one of 0.3 s: the median is quick, the 99th percentile is the slow one
+    assert queue["run_p50"] < 0.1
+    assert 0.3 <= queue["run_p99"] < 1.0

@@ -115,3 +115,53 @@ def test_one_store_per_file(tmp_path):
             SqliteStore(tmp_path / "a.db")
     finally:
         store.close()
+
+
+def test_writer_merge_keeps_each_task_s_last_state_only():
+    from procqueue.store.writer import (
+        INSERT_SQL,
+        UPDATE_BY_ID_SQL,
+        UPDATE_BY_SEQ_SQL,
+        UPDATE_UNFINISHED_SQL,
+        Batch,
+        merge,
+    )
+
+    def insert(seq: int) -> list[object]:
+        return [seq, f"t{seq}", "q", "t", "", None, "{}", 0.0, 0.0, 0, 0, "pending", "", 1.0]
+        # ... then available_at, result, finished_at
+
+    running = (0, "running", "", 1.0, None, None)
+    done = (0, "succeeded", "", 1.0, '{"ok":1}', 9.0)
+    first = Batch(1, 2, [[*insert(1), 1.0, None, None], [*insert(2), 1.0, None, None]], [], [])
+    # seq 1 and 2 were inserted in this transaction; 7 and 8 in an earlier one
+    second = Batch(2, 0, [], [(1, *running), (7, *running), (8, *running)], [])
+    third = Batch(3, 0, [], [(1, *done), (7, *done)], [(0, "pending", "", 2.0, None, None, "old")])
+    statements = dict(merge([first, second, third]))
+    inserted = {row[0]: row for row in statements[INSERT_SQL]}
+    assert inserted[1][10:] == [0, "succeeded", "", 1.0, 1.0, '{"ok":1}', 9.0]  # folded in
+    assert inserted[2][11] == "pending"
+    assert statements[UPDATE_BY_SEQ_SQL] == [(0, "succeeded", "", 1.0, '{"ok":1}', 9.0, 7)]
+    assert statements[UPDATE_UNFINISHED_SQL] == [(0, "running", "", 1.0, 8)]
+    assert statements[UPDATE_BY_ID_SQL] == [(0, "pending", "", 2.0, None, None, "old")]
+    assert merge([]) == []
+
+
+def test_many_rows_are_inserted_in_groups_and_read_back(tmp_path):
+    from procqueue.store.writer import ROWS_PER_INSERT
+
+    store = SqliteStore(tmp_path / "g.db")
+    count = ROWS_PER_INSERT * 3 + 5  # whole groups and a remainder
+    try:
+        tasks = [_task(i) for i in range(count)]
+        for task in tasks:
+            store.add(task)
+        tasks[3].status = QueueTaskStatus.SUCCEEDED  # finished before its first commit
+        store.put(tasks[3])
+        _wait_durable(store, store.commit())
+        assert [t.id for _, t in store.page("q", 0, count)] == [
+            t.id for t in tasks if t.id != "task-3"
+        ]
+        assert store.get("task-3").status is QueueTaskStatus.SUCCEEDED
+    finally:
+        store.close()

@@ -22,14 +22,13 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..errors import DaemonUnavailable, InternalError
-from ..task import FINISHED, QueueTask, QueueTaskStatus
+from ..task import FINISHED, QueueTask, QueueTaskStatus, from_stamp, stamp
 from .writer import COLUMNS as _COLUMNS
 from .writer import Batch, Writer
 
@@ -283,10 +282,6 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         db.executescript(f"BEGIN; {script}; PRAGMA user_version = {target + 1}; COMMIT;")
 
 
-def _ts(value: datetime | None) -> float:
-    return value.timestamp() if value else 0.0
-
-
 def _finished_at(task: QueueTask, now: float) -> float | None:
     return now if task.status in FINISHED else None
 
@@ -315,8 +310,8 @@ def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
         t.attempt,
         _status(t),
         t.last_error,
-        _ts(t.created_at),
-        _ts(t.available_at),
+        stamp(t.created_at),
+        stamp(t.available_at),
         _result(t),
         _finished_at(t, now),
     ]
@@ -325,7 +320,7 @@ def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
 def _state(t: QueueTask, now: float) -> tuple[Any, ...]:
     """What changes after the INSERT: attempt, status, last_error,
     available_at, result, finished_at."""
-    available = _ts(t.available_at)
+    available = stamp(t.available_at)
     return (t.attempt, _status(t), t.last_error, available, _result(t), _finished_at(t, now))
 
 
@@ -362,7 +357,7 @@ def _task(row: Iterable[Any]) -> QueueTask:
         attempt=attempt,
         status=QueueTaskStatus(status),
         last_error=last_error,
-        created_at=datetime.fromtimestamp(created, UTC),
-        available_at=datetime.fromtimestamp(available, UTC),
+        created_at=from_stamp(created),
+        available_at=from_stamp(available),
         result=None if result is None else orjson.loads(result),
     )
