@@ -143,7 +143,7 @@ class Broker:
         over: they become the stored tasks (no copy on this hot path).
         """
         tasks = list(tasks)
-        states = [self.validate(t) for t in tasks]  # all valid, or nothing admitted
+        states = self._validate_all(tasks)  # all valid, or nothing admitted
         accepted: list[QueueTask] = []
         now = self.clock()
         created = from_stamp(now)  # one datetime for the whole batch (immutable, so shared)
@@ -152,19 +152,34 @@ class Broker:
             if task.id and (known := get(task.id)) is not None:
                 accepted.append(known)  # a publish sent again: idempotent by id
                 continue
-            if not force and not spills and state.held >= state.config.buffer_size:
+            held = len(state.ready) + len(state.delayed)
+            if not force and not spills and held >= state.config.buffer_size:
                 err = QueueFull(
                     f"queue {state.name!r} is full: {state.pending} pending tasks "
                     f"(buffer_size = {state.config.buffer_size}); publish again later"
                 )
                 err.accepted = accepted  # type: ignore[attr-defined]
                 raise err
-            accepted.append(self._admit(task, state, now, created, force))
+            accepted.append(
+                self._admit(task, state, now, created, force or held < state.config.buffer_size)
+            )
         return accepted
 
+    def _validate_all(self, tasks: list[QueueTask]) -> list[QueueState]:
+        """Each task's queue, validated; a run of tasks for one queue is checked once."""
+        states: list[QueueState] = []
+        queue, state = None, None
+        for task in tasks:
+            if task.queue != queue or not task.type:
+                state, queue = self.validate(task), task.queue
+            states.append(state)  # type: ignore[arg-type]
+        return states
+
     def _admit(
-        self, task: QueueTask, state: QueueState, now: float, created: datetime, force: bool
+        self, task: QueueTask, state: QueueState, now: float, created: datetime, fits: bool
     ) -> QueueTask:
+        """``fits``: the task may be held in memory (forced, or the queue below
+        ``buffer_size``); a spilling store keeps it on disk only otherwise."""
         if not task.id:
             self._ids += 1
             task.id = f"{self._id_prefix}{self._ids:010x}"
@@ -174,7 +189,7 @@ class Broker:
         state.counters.published += 1
         if self.metrics is not None:
             self.metrics.published(state.name)
-        if not state.spilling and not force and state.held >= state.config.buffer_size:
+        if not state.spilling and not fits:
             state.spilling, state.cursor = True, self.store.seq  # later tasks wait on disk
         seq = self.store.add(task, held=not state.spilling)
         if state.spilling:

@@ -136,8 +136,15 @@ class WorkerPool:
         then at the head of its ring is taken to start now (for the hard time
         limit); run times come from the worker itself."""
         done = handle.tasks_done
+        succeed = self.broker.succeed
         for frame in frames:
-            self._on_frame(handle, frame)
+            if frame[0] == wire.OP_DONE_EMPTY:  # the common case, without a call more
+                seconds, task_id = wire.decode_done_empty(frame)
+                task = self._pop_head(handle, task_id)
+                if task is not None:
+                    succeed(task, None, seconds)
+            else:
+                self._on_frame(handle, frame)
         if handle.tasks_done != done:
             now = time.monotonic()
             self._start_head(handle, now)
@@ -146,12 +153,7 @@ class WorkerPool:
 
     def _on_frame(self, handle: WorkerHandle, frame: bytes) -> None:
         op = frame[0]
-        if op == wire.OP_DONE_EMPTY:  # the common case first: done, no result
-            seconds, task_id = wire.decode_done_empty(frame)
-            task = self._pop_head(handle, task_id)
-            if task is not None:
-                self.broker.succeed(task, None, seconds)
-        elif op == wire.OP_DONE:
+        if op == wire.OP_DONE:
             task_id, result, seconds = wire.decode(frame)
             task = self._pop_head(handle, task_id)
             if task is not None:

@@ -256,8 +256,10 @@ class Supervisor:
         self.next_prune = now + (0.0 if removed >= 2000 else interval)
 
     def _on_finish(self, task: Any) -> None:
-        self.requests.on_finish(task)
-        self.cron.on_finish(task)
+        if self.requests.waiters or self.requests.notify:  # someone waits for an outcome
+            self.requests.on_finish(task)
+        if task.headers:  # a cron fire carries its entry's name there
+            self.cron.on_finish(task)
 
     def _publish_cron(self, tasks: list[Any]) -> list[Any]:
         if self.state is not SupervisorState.RUNNING:
