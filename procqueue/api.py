@@ -1,8 +1,10 @@
 """Control-socket requests, served inside the supervisor's loop.
 
 Every reply that reports a state change (publish, a finished task for
-``wait``) is held until the end of the loop turn, after the store's commit:
-what a client has been told survives a crash of the supervisor.
+``wait``) is held until the end of the loop turn, after the store's commit,
+and until the store has what it reports on disk: a publish reply once its
+tasks are (the store writes new tasks first), any other once the whole turn
+is. What a client has been told survives a crash of the supervisor.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Requests:
         state: Callable[[], str],
     ) -> None:
         self.broker, self.store, self._status, self.state = broker, store, status, state
-        self.after_commit: list[tuple[Answer, Reply]] = []  # (send, frame)
+        self.after_admit: list[tuple[Answer, Reply]] = []  # publish replies: (send, frame)
+        self.after_commit: list[tuple[Answer, Reply]] = []  # the others
         self.held: collections.deque[tuple[int, list[tuple[Answer, Reply]]]] = (
             collections.deque()
         )  # replies of committed turns, waiting for their ticket
@@ -99,7 +102,7 @@ class Requests:
                 self.notify[task.id] = conn
         if req.get("wait") and "ok" in reply and len(stored) == 1:
             return self._wait(conn, {"id": stored[0].id, "timeout": req.get("timeout")})
-        self.after_commit.append((conn.defer(), reply))
+        self.after_admit.append((conn.defer(), reply))
         return DEFERRED
 
     def publish_from_worker(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,10 +158,15 @@ class Requests:
                 self.waiters[task_id].remove(answer)
                 answer({"ok": self.task(task_id).to_dict()})
 
-    def hold_until(self, ticket: int) -> None:
-        """This turn's replies go out once the store says ``ticket`` is durable."""
+    def hold_until(self, admitted: int, committed: int) -> None:
+        """This turn's publish replies go out once the store says ``admitted``
+        is durable, the others once ``committed`` is. ``held`` is released in
+        order, so no reply overtakes one held before it."""
+        if self.after_admit:
+            self.held.append((admitted, self.after_admit))
+            self.after_admit = []
         if self.after_commit:
-            self.held.append((ticket, self.after_commit))
+            self.held.append((committed, self.after_commit))
             self.after_commit = []
 
     def send_durable(self, durable: int) -> None:

@@ -198,7 +198,7 @@ class Supervisor:
 
     def _commit(self) -> None:
         """End of a loop turn: hand the writes to the store; replies wait for the disk."""
-        self.requests.hold_until(self.store.commit())
+        self.requests.hold_until(*self.store.commit())
         self._on_durable()
 
     def _on_durable(self, mask: int = 0) -> None:
@@ -211,8 +211,10 @@ class Supervisor:
             self.broker.page_in()
 
     def _timeout(self) -> float | None:
-        if self.requests.after_commit:  # a reply sent after the last commit let a
-            return 0.0  # buffered request in: commit it now rather than sleep
+        # A reply sent after the last commit let a buffered request in: commit
+        # it now rather than sleep.
+        if self.requests.after_admit or self.requests.after_commit:
+            return 0.0
         now = time.monotonic()
         deadlines = [
             self.pool.next_deadline(),

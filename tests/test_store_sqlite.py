@@ -33,20 +33,20 @@ def _wait_durable(store: SqliteStore, ticket: int) -> None:
 def test_tickets_become_durable_and_reads_see_unacked_tasks(tmp_path):
     store = SqliteStore(tmp_path / "a.db")
     try:
-        assert store.commit() == 0  # nothing to write: nothing to wait for
+        assert store.commit() == (0, 0)  # nothing to write: nothing to wait for
         tasks = [_task(i) for i in range(100)]
         seqs = [store.add(t) for t in tasks]
         assert seqs == list(range(1, 101))
         assert store.get("task-5") is tasks[5]  # not even handed over yet
-        ticket = store.commit()
-        assert ticket == 1 and store.get("task-5") is tasks[5]
+        admitted, ticket = store.commit()
+        assert (admitted, ticket) == (1, 2) and store.get("task-5") is tasks[5]
         _wait_durable(store, ticket)
         assert store.committed_seq == 100
         tasks[5].status = QueueTaskStatus.RUNNING
         store.put(tasks[5])
         tasks[6].status, tasks[6].result = QueueTaskStatus.SUCCEEDED, {"ok": 1}
         store.put(tasks[6])
-        _wait_durable(store, store.commit())
+        _wait_durable(store, store.commit()[1])
         again = SqliteStore.__new__(SqliteStore)  # read through a fresh connection
         again.db = sqlite3.connect(tmp_path / "a.db")
         assert again.db.execute("SELECT status FROM tasks WHERE id='task-5'").fetchone() == (
@@ -117,34 +117,97 @@ def test_one_store_per_file(tmp_path):
         store.close()
 
 
-def test_writer_merge_keeps_each_task_s_last_state_only():
+def test_changes_pile_up_while_a_pair_is_in_flight(tmp_path):
+    store = SqliteStore(tmp_path / "p.db")
+    try:
+        store.writer.fork_lock.acquire()  # the writer is stuck in its first transaction
+        first = [_task(i) for i in range(3)]
+        for task in first:
+            store.add(task)
+        assert store.commit() == (1, 2)  # handed over: inserts, then (no) changes
+        first[0].status = QueueTaskStatus.SUCCEEDED
+        store.put(first[0])
+        late = _task(9)
+        store.add(late)
+        late.status = QueueTaskStatus.RUNNING
+        store.put(late)  # folded into its INSERT, not a change of its own
+        assert store.commit() == (3, 4)  # waiting for the pair in flight
+        assert store.commit() == (3, 4)  # a later turn joins the same pair
+        assert store.durable() == 0
+        store.writer.fork_lock.release()
+        _wait_durable(store, 2)
+        assert store.commit() == (3, 4)  # now handed over
+        _wait_durable(store, 4)
+        rows = dict(store.db.execute("SELECT id, status FROM tasks").fetchall())
+        assert rows == {
+            "task-0": "succeeded",
+            "task-1": "pending",
+            "task-2": "pending",
+            "task-9": "running",
+        }
+        assert store.commit() == (0, 0)
+    finally:
+        if store.writer.fork_lock.locked():
+            store.writer.fork_lock.release()
+        store.close()
+
+
+def test_writer_statements_group_tasks_by_the_state_they_reach():
     from procqueue.store.writer import (
         INSERT_SQL,
         UPDATE_BY_ID_SQL,
         UPDATE_BY_SEQ_SQL,
+        UPDATE_SEQS_SQL,
+        UPDATE_UNFINISHED_SEQS_SQL,
         UPDATE_UNFINISHED_SQL,
         Batch,
-        merge,
+        statements,
     )
 
-    def insert(seq: int) -> list[object]:
-        return [seq, f"t{seq}", "q", "t", "", None, "{}", 0.0, 0.0, 0, 0, "pending", "", 1.0]
-        # ... then available_at, result, finished_at
-
+    row = [1, "t1", "q", "t", "", None, "{}", 0.0, 0.0, 0, 0, "pending", "", 1.0, 1.0, None, None]
     running = (0, "running", "", 1.0, None, None)
-    done = (0, "succeeded", "", 1.0, '{"ok":1}', 9.0)
-    first = Batch(1, 2, [[*insert(1), 1.0, None, None], [*insert(2), 1.0, None, None]], [], [])
-    # seq 1 and 2 were inserted in this transaction; 7 and 8 in an earlier one
-    second = Batch(2, 0, [], [(1, *running), (7, *running), (8, *running)], [])
-    third = Batch(3, 0, [], [(1, *done), (7, *done)], [(0, "pending", "", 2.0, None, None, "old")])
-    statements = dict(merge([first, second, third]))
-    inserted = {row[0]: row for row in statements[INSERT_SQL]}
-    assert inserted[1][10:] == [0, "succeeded", "", 1.0, 1.0, '{"ok":1}', 9.0]  # folded in
-    assert inserted[2][11] == "pending"
-    assert statements[UPDATE_BY_SEQ_SQL] == [(0, "succeeded", "", 1.0, '{"ok":1}', 9.0, 7)]
-    assert statements[UPDATE_UNFINISHED_SQL] == [(0, "running", "", 1.0, 8)]
-    assert statements[UPDATE_BY_ID_SQL] == [(0, "pending", "", 2.0, None, None, "old")]
-    assert merge([]) == []
+    done = (0, "succeeded", "", 1.0, None, 9.0)
+    answered = (0, "succeeded", "", 1.0, '{"ok":1}', 9.0)
+    by_id = [(0, "pending", "", 2.0, None, None, "old")]
+    assert statements(Batch(1, 1, [row])) == [(INSERT_SQL, [row])]
+    states = [(7, *done), (8, *running), (9, *done), (10, *answered), (11, *running), (12, *done)]
+    written = dict(statements(Batch(2, 0, states=states, by_id=by_id)))
+    assert written[UPDATE_SEQS_SQL] == [(0, "succeeded", "", 1.0, None, 9.0, "[7,9,12]")]
+    assert written[UPDATE_BY_SEQ_SQL] == [(0, "succeeded", "", 1.0, '{"ok":1}', 9.0, 10)]
+    assert written[UPDATE_UNFINISHED_SEQS_SQL] == [(0, "running", "", 1.0, "[8,11]")]
+    assert UPDATE_UNFINISHED_SQL not in written
+    assert written[UPDATE_BY_ID_SQL] == by_id
+    assert statements(Batch(3, 0)) == []
+
+
+def test_shared_state_updates_reach_every_row(tmp_path):
+    store = SqliteStore(tmp_path / "u.db")
+    try:
+        tasks = [_task(i) for i in range(50)]
+        for task in tasks:
+            store.add(task)
+        _wait_durable(store, store.commit()[1])
+        for task in tasks[:40]:
+            task.status = QueueTaskStatus.SUCCEEDED
+            store.put(task)
+        tasks[40].status, tasks[40].result = QueueTaskStatus.SUCCEEDED, [1, 2]
+        store.put(tasks[40])
+        for task in tasks[41:45]:
+            task.status = QueueTaskStatus.RUNNING
+            store.put(task)
+        _wait_durable(store, store.commit()[1])
+        counts = dict(
+            store.db.execute(
+                "SELECT status, COUNT(*) FROM tasks WHERE finished_at IS NOT NULL "
+                "OR status != 'succeeded' GROUP BY status"
+            ).fetchall()
+        )
+        assert counts == {"succeeded": 41, "running": 4, "pending": 5}
+        assert store.db.execute("SELECT result FROM tasks WHERE id = 'task-40'").fetchone() == (
+            "[1,2]",
+        )
+    finally:
+        store.close()
 
 
 def test_many_rows_are_inserted_in_groups_and_read_back(tmp_path):
@@ -158,7 +221,7 @@ def test_many_rows_are_inserted_in_groups_and_read_back(tmp_path):
             store.add(task)
         tasks[3].status = QueueTaskStatus.SUCCEEDED  # finished before its first commit
         store.put(tasks[3])
-        _wait_durable(store, store.commit())
+        _wait_durable(store, store.commit()[1])
         assert [t.id for _, t in store.page("q", 0, count)] == [
             t.id for t in tasks if t.id != "task-3"
         ]

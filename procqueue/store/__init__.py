@@ -2,8 +2,9 @@
 
 Only the supervisor talks to a store. ``put`` records a task's current state
 (the broker calls it on every status change); ``commit`` ends one loop
-turn's batch of writes (group commit for durable stores): it returns a ticket, and ``durable()``
-tells which tickets have reached the disk.
+turn's writes (group commit for durable stores): it returns two tickets, one
+for the turn's new tasks and one for all its writes, and ``durable()`` tells
+which tickets have reached the disk.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class Store(Protocol):
 
     def get(self, task_id: str) -> QueueTask | None: ...
 
-    def commit(self) -> int: ...  # hand over this turn's writes; a ticket (0: durable now)
+    # hand over this turn's writes: the tickets of (its new tasks, all of them);
+    # 0: durable now
+    def commit(self) -> tuple[int, int]: ...
 
     def durable(self) -> int: ...  # the highest ticket that is on disk
 

@@ -34,8 +34,8 @@ class MemoryStore:
     def get(self, task_id: str) -> QueueTask | None:
         return self.tasks.get(task_id)
 
-    def commit(self) -> int:
-        return 0  # nothing to make durable: every reply may go at once
+    def commit(self) -> tuple[int, int]:
+        return (0, 0)  # nothing to make durable: every reply may go at once
 
     def durable(self) -> int:
         return 0

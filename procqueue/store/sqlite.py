@@ -4,9 +4,11 @@
   that was acknowledged), ``"normal"`` fsyncs only at checkpoints (a process
   crash loses nothing, a power cut may lose the last commits).
 * Group commit: ``put`` only remembers the task; ``commit`` turns every
-  change of one supervisor loop turn into rows and hands them to the writer
-  thread (``writer.py``) with a ticket; the supervisor answers a publish only
-  once its ticket is durable (``durable()``), and keeps working meanwhile.
+  change since the last hand-over into rows and gives them to the writer
+  thread (``writer.py``) as two transactions with a ticket each, new tasks
+  first; the supervisor answers a publish once its new tasks' ticket is
+  durable, any other reply once everything it reports is (``durable()``),
+  and keeps working meanwhile.
 * One supervisor per database: an exclusive ``flock`` on ``<db>.lock``.
 * ``seq`` is the admission order, assigned here; the broker pages pending
   tasks in by ``seq`` so that a backlog lives on disk, not in memory.
@@ -100,7 +102,7 @@ class SqliteStore:
         self._new: dict[str, tuple[int, QueueTask]] = {}
         self._seqs: dict[str, int] = {}  # id -> seq of the unfinished tasks we hold
         self._changed: dict[str, QueueTask] = {}
-        self._ticket = 0
+        self._submitted = 0  # the ticket of the last batch handed to the writer
         self._unacked: dict[str, tuple[int, QueueTask]] = {}  # handed over, not yet durable
         self._batches: collections.deque[tuple[int, list[str]]] = collections.deque()
         self.writer = Writer(path, pragmas)
@@ -133,26 +135,44 @@ class SqliteStore:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return _task(row) if row else None
 
-    def commit(self) -> int:
-        """Hand this turn's changes to the writer; returns their ticket (0: nothing)."""
+    def commit(self) -> tuple[int, int]:
+        """End of a loop turn: the tickets under which this turn's writes will
+        be durable: (its new tasks, all of them); (0, 0): nothing to write.
+
+        The writer gets a pair of transactions at a time: the new tasks'
+        INSERTs first (a publish is answered as soon as they are durable),
+        then the other tasks' changes. While a pair is in flight, the changes
+        of the following turns pile up here, in ``_new`` and ``_changed``
+        (keyed by id, holding the live tasks), and go over as the next pair
+        once it is done: a task admitted, started and finished meanwhile is
+        then one INSERT row with its last state, built once.
+        """
         if not self._new and not self._changed:
-            return 0
+            return (0, 0)
+        if self.writer.done < self._submitted:
+            return (self._submitted + 1, self._submitted + 2)  # the next pair
+        self._submit()
+        return (self._submitted - 1, self._submitted)
+
+    def _submit(self) -> None:
+        """Turn what piled up into rows and hand them to the writer as a pair."""
         now = time.time()
-        inserts = [_row(seq, t, now) for seq, t in self._new.values()]
+        new, changed = self._new, self._changed
+        inserts = [_row(seq, t, now) for seq, t in new.values()]
         states, by_id = self._sort_changes(now)
-        self._ticket += 1
-        ticket = self._ticket
-        max_seq = max((seq for seq, _ in self._new.values()), default=0)
-        ids = [*self._new, *self._changed]
-        for task_id, (_, task) in self._new.items():
-            self._unacked[task_id] = (ticket, task)
-        for task_id, task in self._changed.items():
-            self._unacked[task_id] = (ticket, task)
-        self._batches.append((ticket, ids))
-        self._new.clear()
-        self._changed.clear()
-        self.writer.submit(Batch(ticket, max_seq, inserts, states, by_id))
-        return ticket
+        self._submitted += 2
+        inserted, updated = self._submitted - 1, self._submitted
+        for task_id, (_, task) in new.items():
+            self._unacked[task_id] = (inserted, task)
+        for task_id, task in changed.items():
+            self._unacked[task_id] = (updated, task)
+        self._batches.append((inserted, list(new)))
+        self._batches.append((updated, list(changed)))
+        self._new, self._changed = {}, {}
+        max_seq = max((seq for seq, _ in new.values()), default=0)
+        self.writer.submit(
+            Batch(inserted, max_seq, inserts), Batch(updated, 0, states=states, by_id=by_id)
+        )
 
     def durable(self) -> int:
         """The highest ticket on disk; forgets what it no longer needs to hold."""
@@ -176,7 +196,10 @@ class SqliteStore:
 
     def sync(self) -> None:
         """Commit and wait until everything is on disk (rare operations only)."""
-        self.writer.wait(self.commit() or self._ticket)
+        self.writer.wait(self._submitted)  # the batch in flight
+        if self._new or self._changed:
+            self._submit()
+            self.writer.wait(self._submitted)
         self.durable()
 
     def _sort_changes(self, now: float) -> tuple[list[Any], list[Any]]:
