@@ -193,6 +193,8 @@ class Supervisor:
             self.pool.dispatch()
         self.pool.flush()  # rings first: the worker starts while we commit and reply
         self._commit()
+        if self.control is not None:
+            self.control.flush()
         if self.state is SupervisorState.DRAINING and not self.pool.alive():
             self.set_state(SupervisorState.STOPPED)
 
