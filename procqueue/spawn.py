@@ -53,6 +53,7 @@ class WorkerHandle:
     deadline: float | None = None  # monotonic time of the hard kill for that task
     spawned_at: float = field(default_factory=time.monotonic)
     tasks_done: int = 0
+    last_run: float = 0.0  # seconds its last task ran: the loop spins only for short ones
     killed_for: str = ""  # why the supervisor killed it (hard time limit ...)
     boot_error: str = ""
     retire_reason: str = ""  # why it was told to stop (reload, recycled ...)
