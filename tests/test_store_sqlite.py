@@ -228,3 +228,26 @@ def test_many_rows_are_inserted_in_groups_and_read_back(tmp_path):
         assert store.get("task-3").status is QueueTaskStatus.SUCCEEDED
     finally:
         store.close()
+
+
+def test_plain_and_full_rows_read_back_the_same(tmp_path):
+    """A task with default fields is inserted with fewer columns (SQLite fills
+    in the defaults); it must read back exactly as one inserted whole."""
+    store = SqliteStore(tmp_path / "r.db")
+    plain = _task(1)
+    plain.payload = b"\x00\xffraw"
+    rich = _task(2)
+    rich.key, rich.headers, rich.delay, rich.timeout = "k", {"h": 1}, 1.5, 2.0
+    rich.max_retry, rich.attempt, rich.last_error = 3, 1, "boom"
+    bare = _task(3)
+    for task in (plain, rich, bare):
+        store.add(task)
+    store.close()
+    store = SqliteStore(tmp_path / "r.db")
+    try:
+        for task in (plain, rich, bare):
+            again = store.get(task.id)
+            assert again is not None and again.to_dict() == task.to_dict()
+            assert type(again.delay) is float and type(again.max_retry) is int
+    finally:
+        store.close()

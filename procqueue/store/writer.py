@@ -23,6 +23,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import operator
 import os
 import socket
 import sqlite3
@@ -41,13 +42,18 @@ COLUMNS = (
     "seq, id, queue, type, key, payload, headers, delay, timeout, max_retry, attempt, "
     "status, last_error, created_at, available_at, result, finished_at"
 )
-_ROW = f"({', '.join('?' * 17)})"
-INSERT_SQL = f"INSERT INTO tasks ({COLUMNS}) VALUES {_ROW}"
+_COLUMN_NAMES = COLUMNS.split(", ")
+INSERT_SQL = f"INSERT INTO tasks ({COLUMNS}) VALUES ({', '.join('?' * 17)})"
 # Inserts go ROWS_PER_INSERT rows to a statement: SQLite's per-statement work
 # (bind, step, reset) then happens once per 32 rows, which halves the cost of
 # an insert (measured: 11.4 -> 5.6 us a row, fsync included).
 ROWS_PER_INSERT = 32
-_INSERT_MANY_SQL = f"INSERT INTO tasks ({COLUMNS}) VALUES {', '.join([_ROW] * ROWS_PER_INSERT)}"
+# Most tasks set nothing beyond these columns (no key, headers, delay, timeout,
+# max_retry, attempt, error or result yet): they are inserted with these alone
+# and SQLite fills in the schema's defaults. The sqlite3 module spends ~0.3 us
+# binding each value, so this halves an insert again (5.9 -> 2.7 us a row).
+PLAIN_COLUMNS = (0, 1, 2, 3, 5, 11, 13, 14)  # seq id queue type payload status created/available
+_plain_values = operator.itemgetter(*PLAIN_COLUMNS)
 UPDATE_BY_ID_SQL = (
     "UPDATE tasks SET attempt = ?, status = ?, last_error = ?, available_at = ?, "
     "result = ?, finished_at = ? WHERE id = ?"
@@ -213,11 +219,36 @@ class Writer:
 
 
 def _insert(db: sqlite3.Connection, rows: list[Any]) -> None:
-    """INSERT ``rows``, ``ROWS_PER_INSERT`` to a statement, the rest one by one."""
-    whole = len(rows) - len(rows) % ROWS_PER_INSERT
-    groups = (
-        list(itertools.chain.from_iterable(rows[start : start + ROWS_PER_INSERT]))
-        for start in range(0, whole, ROWS_PER_INSERT)
+    """INSERT ``rows``: the plain ones with ``PLAIN_COLUMNS`` only, the others whole."""
+    plain = [_plain_values(row) for row in rows if _is_plain(row)]
+    if len(plain) < len(rows):
+        _insert_groups(db, list(range(17)), [row for row in rows if not _is_plain(row)])
+    _insert_groups(db, PLAIN_COLUMNS, plain)
+
+
+def _is_plain(row: list[Any]) -> bool:
+    """Whether every column outside ``PLAIN_COLUMNS`` holds the schema's default."""
+    return (
+        row[4] == ""
+        and row[6] == "{}"
+        and not (row[7] or row[8] or row[9] or row[10])
+        and row[12] == ""
+        and row[15] is None
+        and row[16] is None
     )
-    db.executemany(_INSERT_MANY_SQL, groups)
-    db.executemany(INSERT_SQL, rows[whole:])
+
+
+def _insert_groups(db: sqlite3.Connection, columns: Sequence[int], rows: list[Any]) -> None:
+    """INSERT ``rows`` (values of ``columns``), ``ROWS_PER_INSERT`` to a statement."""
+    names = ", ".join(_COLUMN_NAMES[i] for i in columns)
+    one = f"({', '.join('?' * len(columns))})"
+    whole = len(rows) - len(rows) % ROWS_PER_INSERT
+    if whole:
+        values = ", ".join([one] * ROWS_PER_INSERT)
+        groups = (
+            list(itertools.chain.from_iterable(rows[start : start + ROWS_PER_INSERT]))
+            for start in range(0, whole, ROWS_PER_INSERT)
+        )
+        db.executemany(f"INSERT INTO tasks ({names}) VALUES {values}", groups)
+    if whole < len(rows):
+        db.executemany(f"INSERT INTO tasks ({names}) VALUES {one}", rows[whole:])
