@@ -602,3 +602,26 @@ def test_channel_creates_no_dev_shm_file() -> None:
     assert after - before == set()
     assert not [t for t in targets if t.startswith("/dev/shm/")]
     assert "/dev/shm/" not in mapped
+
+
+# ---------------------------------------------------------------- the supervisor's spin
+
+
+def test_supervisor_spins_only_for_workers_on_short_tasks() -> None:
+    """WorkerPool.spin polls the up ring of a worker whose last task was short,
+    and leaves alone (the doorbell will wake the loop) one on long tasks."""
+    from procqueue.pool import WorkerPool
+    from procqueue.spawn import WorkerHandle
+    from procqueue.task import QueueTask
+
+    with endpoints() as (parent, child):
+        handle = WorkerHandle(queue="q", index=0, pid=1, ep=parent)
+        handle.inflight.append(QueueTask(queue="q", type="t", id="a"))
+        pool = WorkerPool.__new__(WorkerPool)
+        pool.by_pid = {1: handle}
+        child.send(b"done")
+        child.flush()
+        handle.last_run = 5e-6
+        assert pool.spin(50e-6) is True  # short tasks: the ring is polled
+        handle.last_run = 0.010
+        assert pool.spin(50e-6) is False  # a 10 ms task: not even polled once
