@@ -189,3 +189,27 @@ def test_publish_many_sends_parts_and_admits_only_a_prefix(daemon):
     assert client.status()["queues"]["default"]["published"] == before + PUBLISH_PART
     for task in accepted[-3:]:
         assert client.wait(task.id, timeout=20).status is QueueTaskStatus.SUCCEEDED
+
+
+def test_held_replies_go_when_what_they_report_is_durable():
+    """Publish replies wait for their tasks' INSERT ticket, the others for the
+    turn's last ticket; none overtakes a reply held before it."""
+    from procqueue.api import Requests
+
+    sent: list[str] = []
+    requests = Requests(None, None, dict, str)  # type: ignore[arg-type]
+
+    def reply(name: str) -> tuple[object, dict[str, str]]:
+        return (lambda frame: sent.append(frame["name"]), {"name": name})
+
+    requests.after_admit.append(reply("publish-1"))
+    requests.after_commit.append(reply("wait-1"))
+    requests.hold_until(1, 2)
+    requests.after_admit.append(reply("publish-2"))
+    requests.hold_until(3, 4)
+    requests.after_commit.append(reply("status"))
+    requests.hold_until(0, 0)  # nothing to write this turn: still behind the others
+    requests.send_durable(1)
+    assert sent == ["publish-1"]
+    requests.send_durable(3)
+    assert sent == ["publish-1", "wait-1", "publish-2", "status"]
