@@ -24,7 +24,8 @@ reported as median and min-max (latencies: p50/p99 over every sample):
 2. ``cpu``: CPU-bound ~10 ms tasks (a pure-Python loop calibrated once
    here), 2 workers: procqueue versus ``ProcessPoolExecutor(2)`` versus a
    bare-fork ceiling (2 forked processes running N/2 tasks each).
-3. ``latency`` with one idle worker: daemon publish + ``Client.wait``,
+3. ``latency`` with one idle worker: daemon publish + ``Client.wait`` (two
+   requests), ``Client.run`` (publish and wait in one request),
    ``procqueue.Pool(1).run(noop).result()`` and
    ``ProcessPoolExecutor(1).submit(noop).result()`` round trips; and the
    daemon's one-way "publish -> handler start": the client's ``time.time()``
@@ -112,6 +113,7 @@ CPU_PQ = "procqueue"
 CPU_PPE = "ProcessPoolExecutor(2).submit"
 CEILING = "bare fork ceiling"
 LAT_PQ = "procqueue publish+wait"
+LAT_RUN = "procqueue Client.run (publish and wait in one request)"
 LAT_POOL = "procqueue.Pool(1).run().result()"
 LAT_PPE = "ProcessPoolExecutor(1).submit().result()"
 LAT_STAMP = "procqueue publish -> handler start (one way)"
@@ -153,14 +155,20 @@ def pq_throughput(socket_path: Path, task_type: str, n: int, payload: bytes | No
             time.sleep(0.002)
 
 
-def pq_latency(socket_path: Path, samples: int, warmup: int = 20) -> list[float]:
-    """Round trips (publish one task, wait for it) in seconds."""
+def pq_latency(
+    socket_path: Path, samples: int, warmup: int = 20, one_request: bool = False
+) -> list[float]:
+    """Round trips in seconds: publish one task, then wait for it (two
+    requests), or ``Client.run`` (``one_request``: publish and wait in one)."""
     out: list[float] = []
     with Client(socket_path, timeout=30) as client:
         for i in range(warmup + samples):
             start = time.perf_counter()
-            stored = client.publish(QueueTask(queue=QUEUE, type="noop"))
-            done = client.wait(stored.id, timeout=30)
+            if one_request:
+                done = client.run(QueueTask(queue=QUEUE, type="noop"), timeout=30)
+            else:
+                stored = client.publish(QueueTask(queue=QUEUE, type="noop"))
+                done = client.wait(stored.id, timeout=30)
             elapsed = time.perf_counter() - start
             if done.status is not QueueTaskStatus.SUCCEEDED:
                 raise RuntimeError(f"procqueue: latency task {done.status}: {done.last_error}")
@@ -307,6 +315,7 @@ def run_latency(workdir: Path, samples: int, repeat: int) -> dict[str, Any]:
     with daemon(workdir, spec) as socket_path, procqueue.Pool(workers=1) as pool:
         systems: dict[str, Callable[[], list[float]]] = {
             LAT_PQ: lambda: pq_latency(socket_path, samples),
+            LAT_RUN: lambda: pq_latency(socket_path, samples, one_request=True),
             LAT_POOL: lambda: pool_latency(pool, samples),
             LAT_PPE: lambda: baselines.ppe_latency(samples),
             LAT_STAMP: lambda: pq_start_latency(socket_path, samples),
@@ -319,6 +328,7 @@ def run_latency(workdir: Path, samples: int, repeat: int) -> dict[str, Any]:
         "systems": result,
         "ratios": {
             f"{LAT_PQ} p50 / {LAT_PPE} p50": p50[LAT_PQ] / p50[LAT_PPE],
+            f"{LAT_RUN} p50 / {LAT_PPE} p50": p50[LAT_RUN] / p50[LAT_PPE],
             f"{LAT_POOL} p50 / {LAT_PPE} p50": p50[LAT_POOL] / p50[LAT_PPE],
             f"{LAT_STAMP} p50 / {LAT_PQ} p50": p50[LAT_STAMP] / p50[LAT_PQ],
         },
