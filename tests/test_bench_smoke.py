@@ -42,6 +42,7 @@ EXPECTED = {
 }
 LATENCY = {
     "procqueue publish+wait",
+    "procqueue Client.run (publish and wait in one request)",
     "procqueue.Pool(1).run().result()",
     "ProcessPoolExecutor(1).submit().result()",
     "procqueue publish -> handler start (one way)",
