@@ -220,6 +220,8 @@ class ControlServer:
 
     def flush(self) -> None:
         """Write the events pushed this loop turn."""
+        if not self.corked:
+            return
         corked, self.corked = self.corked, set()
         for conn in corked:
             if not conn.closed:

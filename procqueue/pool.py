@@ -151,8 +151,7 @@ class WorkerPool:
         for frame in frames:
             if frame[0] == wire.OP_DONE_EMPTY:  # the common case, without a call more
                 seconds, task_id = wire.decode_done_empty(frame)
-                handle.last_run = seconds
-                task = self._pop_head(handle, task_id)
+                task = self._pop_head(handle, task_id, seconds)
                 if task is not None:
                     succeed(task, None, seconds)
             else:
@@ -167,14 +166,12 @@ class WorkerPool:
         op = frame[0]
         if op == wire.OP_DONE:
             task_id, result, seconds = wire.decode(frame)
-            handle.last_run = seconds
-            task = self._pop_head(handle, task_id)
+            task = self._pop_head(handle, task_id, seconds)
             if task is not None:
                 self.broker.succeed(task, result, seconds)
         elif op == wire.OP_FAILED:
             task_id, _code, message, retry, seconds, *_ = wire.decode(frame)
-            handle.last_run = seconds
-            task = self._pop_head(handle, task_id)
+            task = self._pop_head(handle, task_id, seconds)
             if task is not None:
                 status = self.broker.fail(task, message, retry, seconds)
                 log.info(
@@ -195,8 +192,10 @@ class WorkerPool:
         elif op == wire.OP_BOOT_ERROR:
             handle.boot_error = wire.decode(frame)["error"]
 
-    def _pop_head(self, handle: WorkerHandle, task_id: str) -> Any:
-        """The task a worker reported on: the head of what it holds."""
+    def _pop_head(self, handle: WorkerHandle, task_id: str, seconds: float) -> Any:
+        """The task a worker reported on, having run ``seconds``: the head of
+        what it holds."""
+        handle.last_run = seconds  # WorkerPool.spin: is the next outcome near?
         inflight = handle.inflight
         if not inflight or inflight[0].id != task_id:
             log.error("worker %s reported task %s it was not running", handle.name, task_id)

@@ -218,12 +218,29 @@ class Writer:
             raise
 
 
+def _insert_sql(columns: Sequence[int]) -> tuple[str, str]:
+    """INSERT statements for ``columns``: (``ROWS_PER_INSERT`` rows, one row)."""
+    names = ", ".join(_COLUMN_NAMES[i] for i in columns)
+    one = f"({', '.join('?' * len(columns))})"
+    many = ", ".join([one] * ROWS_PER_INSERT)
+    return f"INSERT INTO tasks ({names}) VALUES {many}", f"INSERT INTO tasks ({names}) VALUES {one}"
+
+
+_FULL_INSERTS = _insert_sql(range(17))
+_PLAIN_INSERTS = _insert_sql(PLAIN_COLUMNS)
+
+
 def _insert(db: sqlite3.Connection, rows: list[Any]) -> None:
     """INSERT ``rows``: the plain ones with ``PLAIN_COLUMNS`` only, the others whole."""
-    plain = [_plain_values(row) for row in rows if _is_plain(row)]
-    if len(plain) < len(rows):
-        _insert_groups(db, list(range(17)), [row for row in rows if not _is_plain(row)])
-    _insert_groups(db, PLAIN_COLUMNS, plain)
+    plain: list[Any] = []
+    full: list[Any] = []
+    for row in rows:
+        if _is_plain(row):
+            plain.append(_plain_values(row))
+        else:
+            full.append(row)
+    _insert_groups(db, _FULL_INSERTS, full)
+    _insert_groups(db, _PLAIN_INSERTS, plain)
 
 
 def _is_plain(row: list[Any]) -> bool:
@@ -238,17 +255,15 @@ def _is_plain(row: list[Any]) -> bool:
     )
 
 
-def _insert_groups(db: sqlite3.Connection, columns: Sequence[int], rows: list[Any]) -> None:
-    """INSERT ``rows`` (values of ``columns``), ``ROWS_PER_INSERT`` to a statement."""
-    names = ", ".join(_COLUMN_NAMES[i] for i in columns)
-    one = f"({', '.join('?' * len(columns))})"
+def _insert_groups(db: sqlite3.Connection, sql: tuple[str, str], rows: list[Any]) -> None:
+    """INSERT ``rows`` with ``sql`` (see ``_insert_sql``), ``ROWS_PER_INSERT`` to a statement."""
+    many, one = sql
     whole = len(rows) - len(rows) % ROWS_PER_INSERT
     if whole:
-        values = ", ".join([one] * ROWS_PER_INSERT)
         groups = (
             list(itertools.chain.from_iterable(rows[start : start + ROWS_PER_INSERT]))
             for start in range(0, whole, ROWS_PER_INSERT)
         )
-        db.executemany(f"INSERT INTO tasks ({names}) VALUES {values}", groups)
+        db.executemany(many, groups)
     if whole < len(rows):
-        db.executemany(f"INSERT INTO tasks ({names}) VALUES {one}", rows[whole:])
+        db.executemany(one, rows[whole:])
