@@ -213,14 +213,17 @@ class Broker:
             room = state.config.buffer_size - state.held
             if not state.spilling or room < max(1, state.config.buffer_size // 2):
                 continue
+            # Read before the page: the writer may commit more rows while the page
+            # is read, and a short page then proves a drained queue only if every
+            # spilled row was on disk before the read began.
+            committed = self.store.committed_seq  # type: ignore[attr-defined]
             page = self.store.page(state.name, state.cursor, room)  # type: ignore[attr-defined]
             now = self.clock()
             for seq, task in page:
                 state.cursor = seq
                 self._enqueue(task, state, stamp(task.available_at), now)
             state.on_disk = max(0, state.on_disk - len(page))
-            # Drained only if nothing spilled is still on its way to the disk.
-            if len(page) < room and self.store.committed_seq >= state.last_spilled:  # type: ignore[attr-defined]
+            if len(page) < room and committed >= state.last_spilled:
                 state.spilling, state.on_disk = False, 0
 
     def recover(self) -> None:

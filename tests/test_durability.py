@@ -208,5 +208,6 @@ def test_paged_backlog_all_runs_in_order(make_daemon, short_dir):
             ]
         )
     ]
-    client.wait(ids[-1], timeout=60)
+    last = client.wait(ids[-1], timeout=60)
+    assert last.status is QueueTaskStatus.SUCCEEDED, "the backlog's last task never ran"
     assert log.read_text().split() == ids

@@ -251,3 +251,45 @@ def test_plain_and_full_rows_read_back_the_same(tmp_path):
             assert type(again.delay) is float and type(again.max_retry) is int
     finally:
         store.close()
+
+
+def test_a_commit_landing_during_a_page_read_does_not_end_spilling(tmp_path):
+    """Regression: the broker decided "drained" from a committed seq read after
+    its page; rows committed while the page was read were then never paged in
+    (a backlog task ran only after a restart, seen as a 60 s wait in CI)."""
+    from procqueue.broker import Broker
+    from procqueue.config import TaskQueueConfig
+
+    store = SqliteStore(tmp_path / "p.db")
+    try:
+        broker = Broker({"q": TaskQueueConfig(buffer_size=2, handlers={"t": "m:f"})}, store, _clock)
+        *_, first = broker.publish([QueueTask(queue="q", type="t") for _ in range(3)])
+        _wait_durable(store, store.commit()[1])
+        state = broker.queues["q"]
+        assert state.spilling and first not in state.ready  # the third waits on disk
+        broker.take_many(state, 2)  # room to page in
+        (late,) = broker.publish([QueueTask(queue="q", type="t")])  # spilled, not committed
+        read_page = store.page
+
+        def page_then_commit(*args):  # the writer commits while the page is read
+            rows = read_page(*args)
+            _wait_durable(store, store.commit()[1])
+            return rows
+
+        store.page = page_then_commit  # type: ignore[method-assign]
+        broker.page_in()
+        assert [t.id for t in state.ready] == [first.id] and state.spilling  # late: not read
+        store.page = read_page  # type: ignore[method-assign]
+        broker.page_in()  # the next page brings it
+        assert [t.id for t in state.ready] == [first.id, late.id]
+        broker.take_many(state, 2)
+        broker.page_in()
+        assert not state.ready and not state.spilling  # drained
+    finally:
+        store.close()
+
+
+def _clock() -> float:
+    import time
+
+    return time.time()
