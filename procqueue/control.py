@@ -31,6 +31,8 @@ log = logging.getLogger("procqueue.control")
 FRAME = struct.Struct("<I")
 MAX_REQUEST = 256 << 20  # a 16 MiB payload is ~22 MiB once base64'd into JSON
 MAX_PIPELINE = 256  # requests of one connection handled but not yet answered
+_READ_BUFFER = bytearray(1 << 20)  # every connection reads into this (one loop thread)
+_READ_VIEW = memoryview(_READ_BUFFER)
 
 
 class Deferred:
@@ -77,16 +79,20 @@ class Conn:
             self._write()
 
     def _read(self) -> None:
+        # recv_into one buffer the loop reuses: ``recv(1 << 20)`` allocates (and
+        # on this path mmaps and unmaps) 1 MiB a call, measured at ~22 us of a
+        # request's ~60 us; a read into the reused buffer costs ~0.3 us more
+        # than the syscall.
         try:
-            data = self.sock.recv(1 << 20)
+            n = self.sock.recv_into(_READ_BUFFER)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.close()
             return
-        self.inbuf += data
+        self.inbuf += _READ_VIEW[:n]
         self._process()
 
     def _process(self) -> None:
