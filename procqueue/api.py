@@ -47,6 +47,7 @@ class Requests:
         self.wait_timers: list[tuple[float, int, str, Answer]] = []
         self._seq = itertools.count()
         self.extra: dict[str, Callable[[dict[str, Any]], Any]] = {}  # more ops (cron ...)
+        self.on_admit: Callable[[], None] = lambda: None  # a client's tasks were admitted
 
     def handle(self, conn: Conn, req: dict[str, Any]) -> Any:
         op = req["op"]
@@ -97,6 +98,8 @@ class Requests:
         except QueueFull as exc:
             stored = getattr(exc, "accepted", [])
             reply = error_reply(exc, accepted=shape(stored))
+        if stored:
+            self.on_admit()
         if req.get("notify"):  # push {"event": "done", ...} when each task finishes
             for task in stored:
                 self.notify[task.id] = conn

@@ -15,6 +15,7 @@ import orjson
 from .control import FRAME, encode_frame
 from .cron import CronTask
 from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
+from .spinwait import REPLY_SPIN, readable_within
 from .task import QueueTask, QueueTaskStatus, from_stamp, trusted_task
 
 # Tasks per publish request: ``publish_many`` sends longer lists as pipelined
@@ -24,13 +25,23 @@ PUBLISH_PART = 256
 
 
 class Client:
-    """A blocking client; one request at a time. Not thread-safe: one per thread."""
+    """A blocking client; one request at a time. Not thread-safe: one per thread.
+
+    ``spin``: seconds to poll for a reply before sleeping on the socket (see
+    ``procqueue.spinwait``); 0 never polls.
+    """
 
     _sock: socket.socket | None
 
-    def __init__(self, socket: str | os.PathLike[str], timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        socket: str | os.PathLike[str],
+        timeout: float | None = 30.0,
+        spin: float = REPLY_SPIN,
+    ) -> None:
         self.path = Path(socket)
         self.timeout = timeout
+        self.spin = spin
         self._sock = None
 
     @classmethod
@@ -238,6 +249,7 @@ class Client:
         return replies
 
     def _read_frame(self, sock: socket.socket) -> bytes:
+        readable_within(sock, self.spin)  # a reply due soon: no sleep, no wake-up
         (size,) = FRAME.unpack(_recv_exact(sock, 4))
         if size > 1 << 30:
             raise ProtocolError(f"reply of {size} bytes is implausible")

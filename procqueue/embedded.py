@@ -45,6 +45,7 @@ from .errors import (
     TaskNotFound,
     error_from_dict,
 )
+from .spinwait import REPLY_SPIN, readable_within
 from .task import QueueTask
 from .wire import CALL_TYPE
 
@@ -126,8 +127,13 @@ class Pool:
     """
 
     def __init__(
-        self, config: str | os.PathLike[str] | Config | None = None, *, workers: int | None = None
+        self,
+        config: str | os.PathLike[str] | Config | None = None,
+        *,
+        workers: int | None = None,
+        spin: float = REPLY_SPIN,
     ) -> None:
+        self.spin = spin  # Task.result polls this long before it sleeps (procqueue.spinwait)
         self._dir = Path(tempfile.mkdtemp(prefix="pqpool", dir="/tmp"))
         self.config = self._embedded_config(config, workers)
         self._pid = 0
@@ -370,15 +376,19 @@ class Pool:
                 continue
             self._read_once(0.05)
 
-    def _read_once(self, timeout: float) -> None:
-        """Read and apply whatever frames arrive within ``timeout`` (one reader at a time)."""
+    def _read_once(self, timeout: float, spin: float = 0.0) -> None:
+        """Read and apply whatever frames arrive within ``timeout`` (one reader at
+        a time), polling for the first ``spin`` seconds of it."""
         if not self._read_lock.acquire(blocking=False):
             with self._results:
                 self._results.wait(timeout)
             return
         try:
             assert self._sock is not None
-            if not select.select([self._sock], [], [], timeout)[0]:
+            if (
+                not readable_within(self._sock, spin)
+                and not select.select([self._sock], [], [], timeout)[0]
+            ):
                 return
             try:
                 chunk = self._sock.recv(1 << 16)
@@ -412,12 +422,14 @@ class Pool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._results:
             self._waiting += 1
+        spin = self.spin  # on the first read only: the outcome of a short call is due
         try:
             while not task._done and not self._eof:
                 left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
                 if left <= 0:
                     break
-                self._read_once(left)
+                self._read_once(left, spin)
+                spin = 0.0
         finally:
             with self._results:
                 self._waiting -= 1

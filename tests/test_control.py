@@ -213,3 +213,37 @@ def test_held_replies_go_when_what_they_report_is_durable():
     assert sent == ["publish-1"]
     requests.send_durable(3)
     assert sent == ["publish-1", "wait-1", "publish-2", "status"]
+
+
+def test_admitted_tasks_are_handed_on_before_the_reply():
+    """A publish calls ``on_admit`` (the supervisor dispatches and rings the
+    workers there, mid-turn) once its tasks are in the ready queue; a publish
+    that admitted nothing does not."""
+    from procqueue.api import Requests
+    from procqueue.broker import Broker
+    from procqueue.config import TaskQueueConfig
+    from procqueue.store.memory import MemoryStore
+
+    store = MemoryStore()
+    queues = {"q": TaskQueueConfig(buffer_size=1, handlers={"t": "m:f"})}
+    broker = Broker(queues, store, lambda: 1_700_000_000.0)
+    requests = Requests(broker, store, dict, str)
+    ready_at_admit: list[int] = []
+    requests.on_admit = lambda: ready_at_admit.append(len(broker.queues["q"].ready))
+
+    class Conn:
+        session: dict[str, object] = {}
+        closed = False
+
+        def defer(self):
+            return lambda frame: None
+
+    def publish(count: int) -> None:
+        tasks = [{"queue": "q", "type": "t"} for _ in range(count)]
+        requests.handle(Conn(), {"op": "publish", "tasks": tasks})
+
+    publish(1)
+    assert ready_at_admit == [1]
+    publish(1)  # the queue is full: nothing admitted, nothing to hand on
+    assert ready_at_admit == [1]
+    assert "error" in requests.after_admit[-1][1]

@@ -1,0 +1,54 @@
+"""procqueue.spinwait: the bounded poll a caller does before sleeping on a reply."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from procqueue.spinwait import readable_within
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_data_already_there_is_seen_at_once(pair):
+    a, b = pair
+    b.send(b"x")
+    assert readable_within(a, 10.0)  # returns on the first poll, not after 10 s
+
+
+def test_gives_up_after_its_budget_without_reading(pair):
+    a, _ = pair
+    start = time.perf_counter()
+    assert not readable_within(a, 0.002)
+    assert time.perf_counter() - start >= 0.002
+    assert not readable_within(a, 0)  # no budget: no poll at all
+    a.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        a.recv(1)  # nothing was consumed or invented
+
+
+def test_data_arriving_during_the_spin_ends_it(pair):
+    a, b = pair
+    threading.Timer(0.005, b.send, (b"late",)).start()
+    start = time.perf_counter()
+    assert readable_within(a, 5.0)
+    assert time.perf_counter() - start < 4.0
+    assert a.recv(4) == b"late"
+
+
+def test_a_closed_peer_counts_as_readable(pair):
+    a, b = pair
+    b.close()
+    assert readable_within(a, 5.0)
+    assert a.recv(1) == b""  # the caller then reads EOF and reports it
