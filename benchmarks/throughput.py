@@ -65,6 +65,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -295,6 +296,14 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
     ceiling = result[CEILING]["median_tasks_per_s"]
     for info in result.values():
         info["fraction_of_ceiling"] = info["median_tasks_per_s"] / ceiling
+    # The machine's speed drifts by tens of percent within a minute; a run and the
+    # ceiling run right after it share that minute, so their ratio is steadier.
+    paired = {
+        f"{name} / {CEILING}": statistics.median(
+            a / b for a, b in zip(rates[name], rates[CEILING], strict=True)
+        )
+        for name in (CPU_PQ, CPU_PPE)
+    }
     return {
         "tasks": n,
         "workers": WORKERS,
@@ -306,6 +315,7 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
             f"{CPU_PQ} / {CPU_PPE}": median_ratio(result, CPU_PQ, CPU_PPE, "tasks"),
             f"{CPU_PQ} / {CEILING}": result[CPU_PQ]["fraction_of_ceiling"],
         },
+        "paired_ratios": paired,
     }
 
 
@@ -407,7 +417,12 @@ def render_cpu(section: dict[str, Any], runs: str) -> list[str]:
         f"spin({section['spin_iterations']:,}) = {section['task_ms_measured']:.1f} ms alone, "
         f"so {WORKERS} x 1/task = {section['ideal_tasks_per_s']:.0f}/s; {runs}"
     )
-    return throughput_table(title, section, ceiling=True)
+    paired = section.get("paired_ratios", {})
+    return [
+        *throughput_table(title, section, ceiling=True),
+        "  medians of the ratios of each run to the ceiling run beside it:",
+        *(f"    {name}: {value:.2f}x" for name, value in paired.items()),
+    ]
 
 
 def render_latency(section: dict[str, Any], runs: str) -> list[str]:
