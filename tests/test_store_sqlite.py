@@ -240,15 +240,21 @@ def test_plain_and_full_rows_read_back_the_same(tmp_path):
     rich.key, rich.headers, rich.delay, rich.timeout = "k", {"h": 1}, 1.5, 2.0
     rich.max_retry, rich.attempt, rich.last_error = 3, 1, "boom"
     bare = _task(3)
-    for task in (plain, rich, bare):
+    done = _task(4)  # ran and finished before its INSERT: one row, already done
+    for task in (plain, rich, bare, done):
         store.add(task)
+    done.status = QueueTaskStatus.SUCCEEDED
     store.close()
     store = SqliteStore(tmp_path / "r.db")
     try:
-        for task in (plain, rich, bare):
+        for task in (plain, rich, bare, done):
             again = store.get(task.id)
             assert again is not None and again.to_dict() == task.to_dict()
             assert type(again.delay) is float and type(again.max_retry) is int
+        finished = dict(store.db.execute("SELECT id, finished_at FROM tasks").fetchall())
+        assert finished["task-4"] > 0  # retention finds it by finished_at
+        assert finished["task-1"] is None and finished["task-3"] is None
+        assert store.prune(before=finished["task-4"] + 1) == 1
     finally:
         store.close()
 
