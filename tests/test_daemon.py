@@ -45,6 +45,22 @@ def test_publish_and_result_through_client(daemon):
     assert client.get_task(stored.id).status is OK
 
 
+@pytest.mark.parametrize("spin", [0.0, 0.5])
+def test_client_with_and_without_polling_for_replies(daemon, spin):
+    """``spin=0`` sleeps on the socket at once; a long spin still returns as
+    soon as the reply is there, and a slow reply is still waited for."""
+    from procqueue import Client
+
+    with Client(daemon.socket, timeout=30, spin=spin) as client:
+        start = time.monotonic()
+        done = client.run(QueueTask(queue="default", type="echo", payload=b'{"n": 2}'))
+        assert done.status is OK and done.result["payload"] == {"n": 2}
+        assert client.ping()["pid"] == daemon.proc.pid
+        slow = QueueTask(queue="default", type="stamp", payload=b'{"sleep": 0.7}')
+        assert client.run(slow, timeout=20).status is OK
+        assert time.monotonic() - start >= 0.7
+
+
 def test_publish_many_one_round_trip_and_all_run(daemon):
     client = daemon.client()
     tasks = [
