@@ -386,7 +386,7 @@ class Pool:
         try:
             assert self._sock is not None
             if (
-                not readable_within(self._sock, spin)
+                not readable_within(self._sock, min(spin, timeout))
                 and not select.select([self._sock], [], [], timeout)[0]
             ):
                 return
