@@ -315,7 +315,7 @@ def _result(task: QueueTask) -> str | None:
 
 def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
     """An INSERT row with the task's state now (it may have run meanwhile)."""
-    status = t.status
+    attempt, status, last_error, available, result, finished = _state(t, now)
     return [
         seq,
         t.id,
@@ -327,13 +327,13 @@ def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
         t.delay,
         t.timeout,
         t.max_retry,
-        t.attempt,
-        _STATUS_TEXT[status],
-        t.last_error,
+        attempt,
+        status,
+        last_error,
         stamp(t.created_at),
-        stamp(t.available_at),
-        None if t.result is None else _result(t),
-        now if status in FINISHED else None,  # finished_at
+        available,
+        result,
+        finished,
     ]
 
 
@@ -346,7 +346,7 @@ def _state(t: QueueTask, now: float) -> tuple[Any, ...]:
         _STATUS_TEXT[status],
         t.last_error,
         stamp(t.available_at),
-        None if t.result is None else _result(t),
+        _result(t),
         now if status in FINISHED else None,
     )
 

@@ -52,8 +52,8 @@ ROWS_PER_INSERT = 32
 # max_retry, attempt, error or result): they are inserted with these alone and
 # SQLite fills in the schema's defaults. The sqlite3 module spends ~0.3 us
 # binding each value, so this halves an insert again (5.9 -> 2.7 us a row).
-# finished_at is one of them: under load almost every task runs and finishes
-# while its INSERT waits for the transaction before it, and is inserted done.
+# finished_at is one of them: a task that runs and finishes while its INSERT
+# waits for the transaction before it is inserted already done.
 PLAIN_COLUMNS = (0, 1, 2, 3, 5, 11, 13, 14, 16)
 # seq, id, queue, type, payload, status, created_at, available_at, finished_at
 _plain_values = operator.itemgetter(*PLAIN_COLUMNS)
