@@ -75,31 +75,43 @@ def mp_apply_async(n: int, workers: int) -> float:
 def fork_ceiling(n: int, iterations: int, workers: int) -> float:
     """Seconds for ``workers`` forked processes to run n tasks between them, no transport.
 
-    The children are forked first and wait on a pipe, so the fork is not timed
-    (as the pools and the daemon are warm when their timing starts).
+    Each child takes its next task by reading one byte from a pipe that holds
+    one byte per task: a pool that balances like the real ones (a child on a
+    slower vCPU runs fewer tasks) at the cost of a 1-byte read per task, ~1 us
+    beside a 10 ms task. A fixed n/workers split instead waits for its slowest
+    child, and the two vCPUs here often run at different speeds. The children
+    are forked first and wait for the go byte, so the fork is not timed (as
+    the pools and the daemon are warm when their timing starts).
     """
-    shares = [n // workers + (i < n % workers) for i in range(workers)]
+    tokens_r, tokens_w = os.pipe()
     go_r, go_w = os.pipe()
     pids = []
     try:
-        for share in shares:
+        for _ in range(workers):
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
                     os.close(go_w)
+                    os.close(tokens_w)
                     if os.read(go_r, 1):
-                        for _ in range(share):
+                        while os.read(tokens_r, 1):  # EOF once every task is taken
                             handlers.cpu_plain(iterations)
                         code = 0
                 finally:
                     os._exit(code)
             pids.append(pid)
+        os.close(tokens_r)
+        tokens_r = -1
         start = time.perf_counter()
         os.write(go_w, b"g" * workers)
+        with os.fdopen(tokens_w, "wb", buffering=0) as tokens:
+            tokens_w = -1  # closed by the with: the children then read EOF when done
+            tokens.write(b"t" * n)  # blocks only while the children still have a full pipe
     finally:
-        os.close(go_r)
-        os.close(go_w)  # a child still waiting (fork failed midway) reads EOF and exits
+        for fd in (tokens_r, tokens_w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)  # a child still waiting (fork failed midway) reads EOF and exits
     for pid in pids:
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:

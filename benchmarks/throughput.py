@@ -22,8 +22,11 @@ reported as median and min-max (latencies: p50/p99 over every sample):
    1 and 256, and ``multiprocessing.Pool(2)`` ``apply_async`` per task and
    ``imap_unordered(..., chunksize=1)``.
 2. ``cpu``: CPU-bound ~10 ms tasks (a pure-Python loop calibrated once
-   here), 2 workers: procqueue versus ``ProcessPoolExecutor(2)`` versus a
-   bare-fork ceiling (2 forked processes running N/2 tasks each).
+   here), 2 workers: procqueue (prefetch 0 and 1) versus
+   ``ProcessPoolExecutor(2)`` versus a bare-fork ceiling (2 forked processes
+   taking their tasks one at a time from a pipe: no transport, no tracking);
+   a ceiling run comes first in every repetition and one more closes the
+   section, and each run is also reported against the two around it.
 3. ``latency`` with one idle worker: daemon publish + ``Client.wait`` (two
    requests), ``Client.run`` (publish and wait in one request),
    ``procqueue.Pool(1).run(noop).result()`` and
@@ -61,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import platform
@@ -110,7 +114,7 @@ PPE_MAP1 = "ProcessPoolExecutor(2).map(chunksize=1)"
 PPE_MAP256 = "ProcessPoolExecutor(2).map(chunksize=256)"
 MP_APPLY = "multiprocessing.Pool(2).apply_async"
 MP_POOL = "multiprocessing.Pool(2).imap_unordered(chunksize=1)"
-CPU_PQ = "procqueue"
+CPU_PQ = {"procqueue prefetch=0": 0, "procqueue prefetch=1": 1}  # label -> prefetch
 CPU_PPE = "ProcessPoolExecutor(2).submit"
 CEILING = "bare fork ceiling"
 LAT_PQ = "procqueue publish+wait"
@@ -282,27 +286,35 @@ def run_noop(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
 
 
 def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
+    """Each repetition runs the ceiling, then every other system; one more ceiling
+    run closes the section, so each run sits between two ceiling runs."""
     iterations, seconds = calibrate()
     payload = str(iterations).encode()
-    with daemon(workdir, DaemonSpec("cpu")) as socket_path:
-        pq_throughput(socket_path, "cpu10ms", min(n, 10), payload)  # warm-up
-        systems: dict[str, Callable[[], float]] = {
-            CPU_PQ: lambda: pq_throughput(socket_path, "cpu10ms", n, payload),
-            CPU_PPE: lambda: baselines.ppe_throughput(handlers.cpu_plain, iterations, n, WORKERS),
-            CEILING: lambda: baselines.fork_ceiling(n, iterations, WORKERS),
-        }
-        rates = interleaved("cpu", systems, n, repeat)
+    with contextlib.ExitStack() as stack:
+        systems: dict[str, Callable[[], float]] = {}
+        for label, prefetch in CPU_PQ.items():
+            spec = DaemonSpec(f"cpu-p{prefetch}", prefetch=prefetch)
+            path = stack.enter_context(daemon(workdir, spec))
+            pq_throughput(path, "cpu10ms", min(n, 10), payload)  # warm-up
+            systems[label] = functools.partial(pq_throughput, path, "cpu10ms", n, payload)
+        systems[CPU_PPE] = lambda: baselines.ppe_throughput(
+            handlers.cpu_plain, iterations, n, WORKERS
+        )
+        ceiling_run = functools.partial(baselines.fork_ceiling, n, iterations, WORKERS)
+        rates = interleaved("cpu", {CEILING: ceiling_run, **systems}, n, repeat)
+        rates[CEILING].append(n / ceiling_run())
     result = {name: summary(r) for name, r in rates.items()}
     ceiling = result[CEILING]["median_tasks_per_s"]
     for info in result.values():
         info["fraction_of_ceiling"] = info["median_tasks_per_s"] / ceiling
-    # The machine's speed drifts by tens of percent within a minute; a run and the
-    # ceiling run right after it share that minute, so their ratio is steadier.
+    # The machine's speed drifts by tens of percent within a minute: each run is
+    # set against the mean of the two ceiling runs around it, a steadier ratio.
+    around = [(a + b) / 2 for a, b in itertools.pairwise(rates[CEILING])]
     paired = {
         f"{name} / {CEILING}": statistics.median(
-            a / b for a, b in zip(rates[name], rates[CEILING], strict=True)
+            r / c for r, c in zip(rates[name], around, strict=True)
         )
-        for name in (CPU_PQ, CPU_PPE)
+        for name in systems
     }
     return {
         "tasks": n,
@@ -312,8 +324,8 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
         "ideal_tasks_per_s": WORKERS / seconds,
         "systems": result,
         "ratios": {
-            f"{CPU_PQ} / {CPU_PPE}": median_ratio(result, CPU_PQ, CPU_PPE, "tasks"),
-            f"{CPU_PQ} / {CEILING}": result[CPU_PQ]["fraction_of_ceiling"],
+            **{f"{pq} / {CPU_PPE}": median_ratio(result, pq, CPU_PPE, "tasks") for pq in CPU_PQ},
+            **{f"{name} / {CEILING}": result[name]["fraction_of_ceiling"] for name in systems},
         },
         "paired_ratios": paired,
     }
@@ -420,7 +432,7 @@ def render_cpu(section: dict[str, Any], runs: str) -> list[str]:
     paired = section.get("paired_ratios", {})
     return [
         *throughput_table(title, section, ceiling=True),
-        "  medians of the ratios of each run to the ceiling run beside it:",
+        "  medians of the ratios of each run to the mean of the ceiling runs before and after it:",
         *(f"    {name}: {value:.2f}x" for name, value in paired.items()),
     ]
 

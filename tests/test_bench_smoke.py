@@ -31,7 +31,12 @@ EXPECTED = {
         "multiprocessing.Pool(2).apply_async",
         "multiprocessing.Pool(2).imap_unordered(chunksize=1)",
     },
-    "cpu": {"procqueue", "ProcessPoolExecutor(2).submit", "bare fork ceiling"},
+    "cpu": {
+        "procqueue prefetch=0",
+        "procqueue prefetch=1",
+        "ProcessPoolExecutor(2).submit",
+        "bare fork ceiling",
+    },
     "pool": {
         "procqueue.Pool(2).run",
         "ProcessPoolExecutor(2).submit",
