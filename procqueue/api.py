@@ -21,7 +21,7 @@ from .broker import Broker
 from .control import DEFERRED, Conn, error_reply
 from .errors import InvalidQueueTask, ProtocolError, QueueFull, TaskNotFound
 from .store import Store
-from .task import QueueTask, QueueTaskStatus, stamp
+from .task import QueueTask, QueueTaskStatus, payload_tasks, stamp
 
 Reply = dict[str, Any]
 Answer = Callable[[Any], None]  # sends the reply of one request (Conn.defer)
@@ -80,9 +80,7 @@ class Requests:
 
     # -- publish -----------------------------------------------------------------
     def _publish(self, conn: Conn, req: dict[str, Any]) -> Any:
-        raw = req.get("tasks")
-        if not isinstance(raw, list):
-            raise InvalidQueueTask('publish needs "tasks": a list of task objects')
+        tasks = _request_tasks(req)
         shape = _REPLY_SHAPES[req.get("brief") or "tasks"]
         # "chained": the next part of one publish_many, refused unless the part
         # before it got in whole, so that what is admitted stays a prefix.
@@ -90,7 +88,6 @@ class Requests:
             refused = InvalidQueueTask("not admitted: an earlier part of this publish was refused")
             return error_reply(refused, accepted=shape([]))
         conn.session["chain_ok"] = False
-        tasks = [QueueTask.from_dict(t) for t in raw]
         try:
             stored = self.broker.publish(tasks)
             reply: Reply = {"ok": shape(stored)}
@@ -196,6 +193,21 @@ class Requests:
             if task.status is not QueueTaskStatus.FAILED:
                 raise InvalidQueueTask(f"task {task.id} is {task.status}, not a dead letter")
         return [self.broker.requeue(t).to_dict() for t in tasks]
+
+
+def _request_tasks(req: dict[str, Any]) -> list[QueueTask]:
+    """A publish's tasks: ``tasks``, a list of task objects; or ``queue``, ``type``
+    and ``payloads`` (base64 or null each), tasks that share all but a payload."""
+    raw = req.get("tasks")
+    if isinstance(raw, list):
+        return [QueueTask.from_dict(t) for t in raw]
+    payloads = req.get("payloads")
+    if raw is None and isinstance(payloads, list):
+        return payload_tasks(req.get("queue"), req.get("type"), payloads)
+    raise InvalidQueueTask(
+        'publish needs "tasks", a list of task objects, or "queue", "type" and '
+        '"payloads", a list of base64 strings or nulls'
+    )
 
 
 def _brief_ids(tasks: list[QueueTask]) -> dict[str, Any]:

@@ -138,13 +138,9 @@ class QueueTask:
             unknown = set(data) - _FIELD_NAMES
             raise InvalidQueueTask(f"unknown task field(s): {', '.join(sorted(unknown))}")
         values = data
-        payload = data.get("payload")
-        if payload.__class__ is str:
+        if data.get("payload").__class__ is str:
             values = dict(data)
-            try:
-                values["payload"] = base64.b64decode(payload, validate=True)
-            except ValueError as exc:
-                raise InvalidQueuePayload(f"task payload is not valid base64: {exc}") from None
+            values["payload"] = _b64_payload(data["payload"])
         if "created_at" in data or "available_at" in data:
             values = dict(values)
             for name in ("created_at", "available_at"):
@@ -222,6 +218,28 @@ def trusted_task(
         result,
     )
     return task
+
+
+def payload_tasks(queue: Any, type: Any, payloads: list[Any]) -> list[QueueTask]:
+    """New tasks of one queue and type whose only other field is a payload,
+    given base64-encoded (or null): a bulk publish in its compact form."""
+    if not isinstance(queue, str) or not isinstance(type, str):
+        raise InvalidQueueTask("a publish's queue and type must be strings")
+    return [
+        trusted_task(queue, type, _b64_payload(p), "", {}, 0.0, 0.0, 0, "", 0, None, "", None, None)
+        for p in payloads
+    ]
+
+
+def _b64_payload(payload: Any) -> bytes | None:
+    if payload is None:
+        return None
+    if payload.__class__ is not str:
+        raise InvalidQueuePayload(f"a payload must be a base64 string or null, got {payload!r:.40}")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError as exc:
+        raise InvalidQueuePayload(f"task payload is not valid base64: {exc}") from None
 
 
 _new_task = object.__new__

@@ -53,6 +53,20 @@ def test_socket_is_private(daemon):
             b'{"op": "publish", "tasks": [{"queue": "default", "type": "echo", "payload": "!!"}]}',
             "base64",
         ),
+        (b'{"op": "publish", "queue": "default", "type": "echo"}', '"payloads"'),
+        (
+            b'{"op": "publish", "queue": "default", "type": "echo", "payloads": [5]}',
+            "base64 string or null",
+        ),
+        (
+            b'{"op": "publish", "queue": "default", "type": "echo", "payloads": ["!!"]}',
+            "base64",
+        ),
+        (b'{"op": "publish", "queue": 1, "type": "echo", "payloads": [null]}', "strings"),
+        (
+            b'{"op": "publish", "queue": "nowhere", "type": "echo", "payloads": [null]}',
+            "not registered",
+        ),
     ],
 )
 def test_malformed_requests_get_error_replies(daemon, body, expect):
@@ -247,3 +261,39 @@ def test_admitted_tasks_are_handed_on_before_the_reply():
     publish(1)  # the queue is full: nothing admitted, nothing to hand on
     assert ready_at_admit == [1]
     assert "error" in requests.after_admit[-1][1]
+
+
+def test_payload_only_tasks_are_published_in_the_compact_form():
+    from procqueue.client import _part_fields
+
+    same = [QueueTask(queue="q", type="t", payload=p) for p in (b"a", None, b"")]
+    assert _part_fields(same) == {"queue": "q", "type": "t", "payloads": ["YQ==", None, None]}
+    for differs in (
+        QueueTask(queue="other", type="t"),
+        QueueTask(queue="q", type="other"),
+        QueueTask(queue="q", type="t", key="k"),
+        QueueTask(queue="q", type="t", id="mine"),
+        QueueTask(queue="q", type="t", headers={"h": "v"}),
+        QueueTask(queue="q", type="t", delay=1),
+        QueueTask(queue="q", type="t", timeout=1),
+        QueueTask(queue="q", type="t", max_retry=1),
+    ):
+        fields = _part_fields([*same, differs])
+        assert list(fields) == ["tasks"] and len(fields["tasks"]) == 4
+
+
+def test_compact_publish_runs_every_task_with_its_own_payload(daemon):
+    from procqueue.client import PUBLISH_PART
+
+    client = daemon.client()
+    tasks = [
+        QueueTask(queue="default", type="echo", payload=orjson.dumps(i) if i % 3 else None)
+        for i in range(PUBLISH_PART + 10)
+    ]
+    stored = client.publish_many(tasks)
+    assert [t.payload for t in stored] == [t.payload for t in tasks]
+    for i in (0, 1, 2, PUBLISH_PART + 9):
+        done = client.wait(stored[i].id, timeout=20)
+        assert done.status is QueueTaskStatus.SUCCEEDED
+        assert done.result["payload"] == (i if i % 3 else None)
+        assert client.get_task(stored[i].id).payload == tasks[i].payload
