@@ -465,3 +465,37 @@ def test_stats_counters() -> None:
         "retried": 1,
     }
     assert rig.broker.stats()["other"]["published"] == 0
+
+
+def test_succeed_all_is_succeed_for_each_run_in_order(rig: Rig) -> None:
+    tasks = [rig.publish_one() for _ in range(3)]
+    one = make_rig()
+    alone = [one.publish_one() for _ in range(3)]
+    for broker_rig in (rig, one):
+        assert broker_rig.broker.take_many(broker_rig.state(), 3)
+    rig.broker.succeed_all([(t, 0.5 + i) for i, t in enumerate(tasks)])
+    for i, task in enumerate(alone):
+        one.broker.succeed(task, None, 0.5 + i)
+    assert rig.finished == tasks  # each reported, in the order the worker sent them
+    for got, want in ((rig, tasks), (one, alone)):
+        assert all(t.status is QueueTaskStatus.SUCCEEDED and t.result is None for t in want)
+        assert [got.store.get(t.id) for t in want] == want
+        assert [s for _, s in got.state().runs] == [0.5, 1.5, 2.5]
+    stats, expect = rig.broker.stats()["default"], one.broker.stats()["default"]
+    for key in ("succeeded", "running", "pending", "published"):
+        assert stats[key] == expect[key], key
+    assert stats["succeeded"] == 3 and stats["running"] == 0
+
+
+def test_memory_store_keeps_only_the_newest_finished_tasks() -> None:
+    store = MemoryStore(keep_finished=2)
+    tasks = [QueueTask(queue="q", type="t", id=f"t{i}") for i in range(4)]
+    for task in tasks:
+        store.add(task)
+    tasks[3].status = QueueTaskStatus.RUNNING
+    store.put(tasks[3])
+    for task in tasks[:3]:
+        task.status = QueueTaskStatus.SUCCEEDED
+        store.put(task)
+    assert store.get("t0") is None  # the oldest finished one went
+    assert [store.get(f"t{i}") for i in (1, 2, 3)] == tasks[1:]

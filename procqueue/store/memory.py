@@ -23,8 +23,10 @@ class MemoryStore:
         return self.seq
 
     def put(self, task: QueueTask) -> None:
-        self.tasks[task.id] = task
+        # The broker changes the very objects ``add`` stored: only a finished
+        # task needs anything here (it counts against ``keep_finished``).
         if task.status in FINISHED:
+            self.tasks[task.id] = task
             self._finished.append(task.id)
             while len(self._finished) > self.keep_finished:
                 old = self.tasks.get(self._finished.popleft())
