@@ -97,6 +97,20 @@ class Ring:
         ctr[_HEAD] = head + n  # publish: one 8-byte store, after the data (x86-64 TSO)
         return n
 
+    def write_frame(self, body: bytes) -> bool:
+        """Put one whole ``u32 length | body`` frame in if it fits without
+        wrapping; False (nothing written) otherwise."""
+        ctr, cap = self._ctr, self.capacity
+        head = ctr[_HEAD]
+        end = head % cap + 4 + len(body)
+        if end > cap or head + 4 + len(body) - ctr[_TAIL] > cap:
+            return False
+        # The data area, not a counter: the consumer reads none of it until head moves.
+        _LEN.pack_into(self._data, end - 4 - len(body), len(body))
+        self._data[end - len(body) : end] = body
+        ctr[_HEAD] = head + 4 + len(body)  # publish: one 8-byte store, after the data
+        return True
+
     # -- consumer side -------------------------------------------------
     def read(self) -> bytes:
         """Take every byte available now (possibly none)."""
@@ -132,6 +146,7 @@ class Endpoint:
         self.tx, self.rx, self.sock = tx, rx, sock
         self._buf = buf
         self._out = bytearray()  # bytes not yet in the tx ring
+        self._unflushed = False  # frames went into the ring since the last flush
         self._in = bytearray()  # bytes of an incomplete frame from the rx ring
         self._rung_sleep = 0  # the peer's sleep_seq we last rang for
         self._rung_wait = 0  # the peer's wait_seq we last rang for
@@ -143,9 +158,14 @@ class Endpoint:
 
     # -- sending ---------------------------------------------------------
     def send(self, body: bytes) -> None:
-        """Queue one frame; it reaches the ring on the next ``flush``."""
+        """Send one frame: into the ring now if it fits whole and nothing is
+        queued before it, else queued for ``flush``. The peer is rung (if it
+        sleeps) on the next ``flush`` either way."""
         if len(body) > MAX_FRAME:
             raise ValueError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+        if not self._out and self.tx.write_frame(body):
+            self._unflushed = True
+            return
         self._out += _LEN.pack(len(body))
         self._out += body
 
@@ -157,8 +177,11 @@ class Endpoint:
         made room.
         """
         if self._out and self._write_out():
-            # Only a flush that wrote wakes the peer: its sleep_prepare re-checks
+            self._unflushed = True
+        if self._unflushed:
+            # Only a flush after writes wakes the peer: its sleep_prepare re-checks
             # the ring after announcing, so earlier bytes cannot be missed.
+            self._unflushed = False
             _fence()
             self._ring_if(self.tx._ctr[_SLEEP], "_rung_sleep")
         return not self._out

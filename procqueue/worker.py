@@ -60,6 +60,7 @@ class Worker:
         self.config, self.queue, self.index, self.ep = config, queue, index, ep
         self.parent = parent
         self.name = f"{queue}#{index}"
+        self._busy_title = f"procqueue: worker {self.name} busy "  # + the task id
         self.handlers: dict[str, Handler] = {}
         self.functions: dict[str, Callable[..., Any]] = {}  # Pool.run targets, resolved once
         self.backlog: collections.deque[bytes] = collections.deque()  # frames read early
@@ -124,7 +125,7 @@ class Worker:
             log.warning("worker %s: unexpected frame %r", self.name, bytes(frame[:1]))
 
     def _run(self, task: QueueTask, limit: float) -> None:
-        self._title(f"busy {task.id}")
+        setproctitle.setproctitle(self._busy_title + task.id)
         deadline = time.time() + limit if limit > 0 else None
         ctx = Context(task, deadline, self.name, self._publish)
         start = time.perf_counter()

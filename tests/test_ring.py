@@ -257,6 +257,30 @@ def test_flush_rings_a_sleeping_consumer_once(pair: tuple[Endpoint, Endpoint]) -
     assert child.recv() == [b"three"]
 
 
+def test_a_frame_that_fits_goes_into_the_ring_at_once_and_rings_at_flush(
+    pair: tuple[Endpoint, Endpoint],
+) -> None:
+    parent, child = pair
+    assert child.sleep_prepare() is True
+    parent.send(b"direct")
+    assert parent.pending_out == 0 and child.rx.readable() == 4 + len(b"direct")
+    assert not readable(child.sock)  # the doorbell waits for the flush
+    assert parent.flush() is True
+    assert child.sock.recv(100) == b"\x01"
+    parent.flush()  # nothing written since: no second ring
+    assert not readable(child.sock)
+    child.sleep_done()
+    assert child.recv() == [b"direct"]
+
+
+def test_a_frame_behind_queued_bytes_waits_its_turn() -> None:
+    with endpoints(capacity=64) as (parent, child):
+        parent.send(b"a" * 70)  # larger than the ring: queued, goes in pieces
+        parent.send(b"b")  # would fit, but must not overtake the queued frame
+        assert parent.pending_out == 4 + 70 + 4 + 1 and not child.rx.readable()
+        assert pump(parent, child) == [b"a" * 70, b"b"]
+
+
 def test_no_ring_when_consumer_is_awake(pair: tuple[Endpoint, Endpoint]) -> None:
     parent, child = pair
     for _ in range(5):
