@@ -155,6 +155,7 @@ def test_changes_pile_up_while_a_pair_is_in_flight(tmp_path):
 def test_writer_statements_group_tasks_by_the_state_they_reach():
     from procqueue.store.writer import (
         INSERT_SQL,
+        PLAIN_INSERT_SQL,
         UPDATE_BY_ID_SQL,
         UPDATE_BY_SEQ_SQL,
         UPDATE_SEQS_SQL,
@@ -170,6 +171,11 @@ def test_writer_statements_group_tasks_by_the_state_they_reach():
     answered = (0, "succeeded", "", 1.0, '{"ok":1}', 9.0)
     by_id = [(0, "pending", "", 2.0, None, None, "old")]
     assert statements(Batch(1, 1, [row])) == [(INSERT_SQL, [row])]
+    plain = (2, "t2", "q", "t", None, "pending", 1.0, 1.0, None)
+    assert statements(Batch(1, 2, [row], plain=[plain])) == [
+        (INSERT_SQL, [row]),
+        (PLAIN_INSERT_SQL, [plain]),
+    ]
     states = [(7, *done), (8, *running), (9, *done), (10, *answered), (11, *running), (12, *done)]
     written = dict(statements(Batch(2, 0, states=states, by_id=by_id)))
     assert written[UPDATE_SEQS_SQL] == [(0, "succeeded", "", 1.0, None, 9.0, "[7,9,12]")]

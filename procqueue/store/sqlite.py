@@ -164,7 +164,13 @@ class SqliteStore:
         """Turn what piled up into rows and hand them to the writer as a pair."""
         now = time.time()
         new, changed = self._new, self._changed
-        inserts = [_row(seq, t, now) for seq, t in new.values()]
+        inserts: list[list[Any]] = []
+        plain: list[tuple[Any, ...]] = []
+        for seq, t in new.values():
+            if _is_plain(t):
+                plain.append(_plain_row(seq, t, now))
+            else:
+                inserts.append(_row(seq, t, now))
         states, by_id = self._sort_changes(now)
         self._submitted += 2
         inserted, updated = self._submitted - 1, self._submitted
@@ -173,7 +179,8 @@ class SqliteStore:
         self._new, self._changed = {}, {}
         max_seq = max((seq for seq, _ in new.values()), default=0)
         self.writer.submit(
-            Batch(inserted, max_seq, inserts), Batch(updated, 0, states=states, by_id=by_id)
+            Batch(inserted, max_seq, inserts, plain=plain),
+            Batch(updated, 0, states=states, by_id=by_id),
         )
 
     def durable(self) -> int:
@@ -335,6 +342,29 @@ def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
         result,
         finished,
     ]
+
+
+def _is_plain(t: QueueTask) -> bool:
+    """Whether every column outside ``PLAIN_COLUMNS`` would hold the schema's default."""
+    return not (
+        t.key or t.headers or t.delay or t.timeout or t.max_retry or t.attempt or t.last_error
+    ) and (t.result is None)
+
+
+def _plain_row(seq: int, t: QueueTask, now: float) -> tuple[Any, ...]:
+    """The INSERT row of a plain task (``PLAIN_COLUMNS``), with its state now."""
+    status = t.status
+    return (
+        seq,
+        t.id,
+        t.queue,
+        t.type,
+        t.payload,
+        _STATUS_TEXT[status],
+        stamp(t.created_at),
+        stamp(t.available_at),
+        now if status in FINISHED else None,
+    )
 
 
 def _state(t: QueueTask, now: float) -> tuple[Any, ...]:
