@@ -43,7 +43,14 @@ from .task import QueueTask
 log = logging.getLogger("procqueue.worker")
 
 EXIT_BOOT_ERROR = 3  # handlers failed to import: the supervisor backs off before a new try
-SPIN_SECONDS = 50e-6  # poll the ring this long before sleeping on the doorbell
+# Poll the ring this long after the last task before sleeping on the doorbell.
+# A client that publishes its next task as soon as it has the last one's result
+# does so ~0.2-0.4 ms later here; a worker still polling then starts it without
+# being woken (waking a process on an idle vCPU costs tens of us here): publish
+# -> handler start p50 112 -> 83 us, Client.run 173 -> 138 us measured side by
+# side against 50 us. The poll yields the core each turn, and ends: an idle
+# worker sleeps.
+SPIN_SECONDS = 500e-6
 PR_SET_PDEATHSIG = 1
 MAX_RESULT_BYTES = 1 << 20
 DEFAULT_GC_THRESHOLDS = (700, 10, 10)  # CPython's
