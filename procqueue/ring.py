@@ -51,6 +51,7 @@ HEADER = 256
 _HEAD, _TAIL, _SLEEP, _WAIT = 0, 8, 16, 24  # indexes into the header cast to 'Q'
 _LEN = struct.Struct("<I")
 MAX_FRAME = (1 << 32) - 1
+DIRECT_FRAME = 1024  # frames this large go straight into the ring (Endpoint.send)
 
 _fence_lock = threading.Lock()
 
@@ -158,12 +159,20 @@ class Endpoint:
 
     # -- sending ---------------------------------------------------------
     def send(self, body: bytes) -> None:
-        """Send one frame: into the ring now if it fits whole and nothing is
-        queued before it, else queued for ``flush``. The peer is rung (if it
-        sleeps) on the next ``flush`` either way."""
+        """Send one frame. It goes into the ring now, if it fits whole and
+        nothing is queued before it, when it is the first since the last
+        ``flush`` (one frame a flush, the usual case, is then one copy) or
+        large (a copy into the queue would cost more than a ring write);
+        small frames after the first are queued and copied in by ``flush`` as
+        one block, cheaper per frame than a ring write each. The peer is rung
+        (if it sleeps) on the next ``flush`` either way."""
         if len(body) > MAX_FRAME:
             raise ValueError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
-        if not self._out and self.tx.write_frame(body):
+        if (
+            not self._out
+            and (not self._unflushed or len(body) >= DIRECT_FRAME)
+            and self.tx.write_frame(body)
+        ):
             self._unflushed = True
             return
         self._out += _LEN.pack(len(body))
