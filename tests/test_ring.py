@@ -273,6 +273,23 @@ def test_a_frame_that_fits_goes_into_the_ring_at_once_and_rings_at_flush(
     assert child.recv() == [b"direct"]
 
 
+def test_small_frames_after_the_first_are_queued_until_flush() -> None:
+    from procqueue.ring import DIRECT_FRAME
+
+    big = b"b" * DIRECT_FRAME
+    with endpoints(capacity=4 * DIRECT_FRAME) as (parent, child):
+        parent.send(b"first")  # straight in
+        parent.send(b"second")  # queued: copied in with the others at flush
+        assert child.rx.readable() == 4 + 5 and parent.pending_out == 4 + 6
+        parent.send(big)  # behind queued bytes: queued too, to keep the order
+        assert parent.pending_out == 4 + 6 + 4 + DIRECT_FRAME
+        assert pump(parent, child) == [b"first", b"second", big]
+        parent.send(b"x")
+        parent.send(big)  # large, nothing queued: straight in
+        assert parent.pending_out == 0
+        assert pump(parent, child) == [b"x", big]
+
+
 def test_a_frame_behind_queued_bytes_waits_its_turn() -> None:
     with endpoints(capacity=64) as (parent, child):
         parent.send(b"a" * 70)  # larger than the ring: queued, goes in pieces
