@@ -7,10 +7,12 @@ timing starts, and shut down after it ends: startup is never timed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import itertools
 import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import handlers
@@ -72,8 +74,12 @@ def mp_apply_async(n: int, workers: int) -> float:
         return time.perf_counter() - start
 
 
-def fork_ceiling(n: int, iterations: int, workers: int) -> float:
+def fork_ceiling(n: int, iterations: int, workers: int, waker: float = 0.0) -> float:
     """Seconds for ``workers`` forked processes to run n tasks between them, no transport.
+
+    ``waker`` > 0: a third process wakes every ``waker`` seconds meanwhile and
+    does nothing else, as a pool's dispatcher wakes once per task: what the
+    wake-ups alone cost the workers on this machine.
 
     Each child takes its next task by reading one byte from a pipe that holds
     one byte per task: a pool that balances like the real ones (a child on a
@@ -83,6 +89,32 @@ def fork_ceiling(n: int, iterations: int, workers: int) -> float:
     are forked first and wait for the go byte, so the fork is not timed (as
     the pools and the daemon are warm when their timing starts).
     """
+    with _waking(waker):
+        return _timed_children(n, iterations, workers)
+
+
+@contextlib.contextmanager
+def _waking(period: float) -> Iterator[None]:
+    """A child process that sleeps ``period`` seconds in a loop (none if 0)."""
+    if period <= 0:
+        yield
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            while True:
+                time.sleep(period)
+        finally:
+            os._exit(0)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _timed_children(n: int, iterations: int, workers: int) -> float:
+    """The ceiling run itself (see ``fork_ceiling``)."""
     tokens_r, tokens_w = os.pipe()
     go_r, go_w = os.pipe()
     pids = []

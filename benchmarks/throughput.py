@@ -26,7 +26,9 @@ reported as median and min-max (latencies: p50/p99 over every sample):
    ``ProcessPoolExecutor(2)`` versus a bare-fork ceiling (2 forked processes
    taking their tasks one at a time from a pipe: no transport, no tracking);
    a ceiling run comes first in every repetition and one more closes the
-   section, and each run is also reported against the two around it.
+   section, and each run is also reported against the two around it; and
+   the same ceiling beside a third process that does nothing but wake up
+   once per task (at the ideal rate), as a pool's dispatcher does.
 3. ``latency`` with one idle worker: daemon publish + ``Client.wait`` (two
    requests), ``Client.run`` (publish and wait in one request),
    ``procqueue.Pool(1).run(noop).result()`` and
@@ -117,6 +119,7 @@ MP_POOL = "multiprocessing.Pool(2).imap_unordered(chunksize=1)"
 CPU_PQ = {"procqueue prefetch=0": 0, "procqueue prefetch=1": 1}  # label -> prefetch
 CPU_PPE = "ProcessPoolExecutor(2).submit"
 CEILING = "bare fork ceiling"
+CEILING_WAKING = "bare fork ceiling + a process waking once a task"
 LAT_PQ = "procqueue publish+wait"
 LAT_RUN = "procqueue Client.run (publish and wait in one request)"
 LAT_POOL = "procqueue.Pool(1).run().result()"
@@ -301,6 +304,11 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
             systems[label] = functools.partial(pq_throughput, path, "cpu10ms", n, payload)
         systems[CPU_PPE] = lambda: baselines.ppe_throughput(
             handlers.cpu_plain, iterations, n, WORKERS
+        )
+        # The ceiling beside a process that only wakes up, once per task at the
+        # ideal rate, as every pool's dispatcher does: what wake-ups cost here.
+        systems[CEILING_WAKING] = functools.partial(
+            baselines.fork_ceiling, n, iterations, WORKERS, seconds / WORKERS
         )
         ceiling_run = functools.partial(baselines.fork_ceiling, n, iterations, WORKERS)
         rates = interleaved("cpu", {CEILING: ceiling_run, **systems}, n, repeat)

@@ -36,6 +36,7 @@ EXPECTED = {
         "procqueue prefetch=1",
         "ProcessPoolExecutor(2).submit",
         "bare fork ceiling",
+        "bare fork ceiling + a process waking once a task",
     },
     "pool": {
         "procqueue.Pool(2).run",
