@@ -123,7 +123,7 @@ class Worker:
         if self.backlog:
             return self.backlog.popleft()
         self.ep.flush()
-        if not self.ep.spin(SPIN_SECONDS if self.last_run < LONG_TASK else SPIN_AFTER_LONG_TASK):
+        if not self.ep.spin(poll_seconds(self.last_run)):
             self._title("idle")  # only before a real sleep: a title costs ~1 us
             self.ep.wait(1.0)
             if os.getppid() != self.parent:
@@ -221,6 +221,12 @@ class Worker:
 
     def _title(self, state: str) -> None:
         setproctitle.setproctitle(f"procqueue: worker {self.name} {state}")
+
+
+def poll_seconds(last_run: float) -> float:
+    """How long a worker polls its ring for the next task after one that ran
+    ``last_run`` seconds, before it sleeps on the doorbell."""
+    return SPIN_SECONDS if last_run < LONG_TASK else SPIN_AFTER_LONG_TASK
 
 
 def _reply_tasks(reply: dict[str, Any]) -> list[QueueTask]:

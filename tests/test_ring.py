@@ -666,3 +666,11 @@ def test_supervisor_spins_only_for_workers_on_short_tasks() -> None:
         assert pool.spin(50e-6) is True  # short tasks: the ring is polled
         handle.last_run = 0.010
         assert pool.spin(50e-6) is False  # a 10 ms task: not even polled once
+
+
+def test_a_worker_polls_long_only_after_a_short_task() -> None:
+    from procqueue.worker import LONG_TASK, SPIN_AFTER_LONG_TASK, SPIN_SECONDS, poll_seconds
+
+    assert SPIN_SECONDS > SPIN_AFTER_LONG_TASK > 0
+    assert poll_seconds(0.0) == poll_seconds(5e-6) == SPIN_SECONDS  # a client may follow up
+    assert poll_seconds(LONG_TASK) == poll_seconds(0.010) == SPIN_AFTER_LONG_TASK
