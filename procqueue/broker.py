@@ -19,7 +19,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -316,31 +316,22 @@ class Broker:
     def succeed(self, task: QueueTask, result: Any = None, seconds: float | None = None) -> None:
         """A run succeeded; ``seconds`` is its run time when known (for ``stats``
         and metrics)."""
-        state = self.queues[task.queue]
-        state.running -= 1
-        state.counters.succeeded += 1
-        if seconds is not None:
-            state.runs.append((time.monotonic(), seconds))
-        task.status = QueueTaskStatus.SUCCEEDED
-        task.result = result
-        self.store.put(task)
-        if self.metrics is not None:
-            self.metrics.finished(task.queue, "succeeded", seconds)
-        self.on_finish(task)
+        self.succeed_all([(task, result, seconds)])
 
-    def succeed_all(self, runs: list[tuple[QueueTask, float]]) -> None:
-        """Runs of one queue's tasks (one worker's) that succeeded with no result,
-        each with its run time: ``succeed`` for each, with the per-call work
-        (queue, counters, clock) done once."""
+    def succeed_all(self, runs: Sequence[tuple[QueueTask, Any, float | None]]) -> None:
+        """Runs of one queue's tasks (one worker's: a wake-up's worth) that
+        succeeded, as (task, result, seconds): the queue, counters and clock
+        are looked up once for them all."""
         state = self.queues[runs[0][0].queue]
         state.running -= len(runs)
         state.counters.succeeded += len(runs)
         now, keep, put, metrics = time.monotonic(), state.runs.append, self.store.put, self.metrics
         on_finish, succeeded = self.on_finish, QueueTaskStatus.SUCCEEDED
-        for task, seconds in runs:
-            keep((now, seconds))
+        for task, result, seconds in runs:
+            if seconds is not None:
+                keep((now, seconds))
             task.status = succeeded
-            task.result = None
+            task.result = result
             put(task)
             if metrics is not None:
                 metrics.finished(task.queue, "succeeded", seconds)

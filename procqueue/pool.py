@@ -147,13 +147,13 @@ class WorkerPool:
         then at the head of its ring is taken to start now (for the hard time
         limit); run times come from the worker itself."""
         done = handle.tasks_done
-        runs: list[tuple[Any, float]] = []  # successes with no result, applied together
+        runs: list[tuple[Any, None, float]] = []  # successes with no result, applied together
         for frame in frames:
             if frame[0] == wire.OP_DONE_EMPTY:  # the common case, without a call more
                 seconds, task_id = wire.decode_done_empty(frame)
                 task = self._pop_head(handle, task_id, seconds)
                 if task is not None:
-                    runs.append((task, seconds))
+                    runs.append((task, None, seconds))
             else:
                 if runs:  # outcomes are applied in the order the worker sent them
                     self.broker.succeed_all(runs)

@@ -473,7 +473,7 @@ def test_succeed_all_is_succeed_for_each_run_in_order(rig: Rig) -> None:
     alone = [one.publish_one() for _ in range(3)]
     for broker_rig in (rig, one):
         assert broker_rig.broker.take_many(broker_rig.state(), 3)
-    rig.broker.succeed_all([(t, 0.5 + i) for i, t in enumerate(tasks)])
+    rig.broker.succeed_all([(t, None, 0.5 + i) for i, t in enumerate(tasks)])
     for i, task in enumerate(alone):
         one.broker.succeed(task, None, 0.5 + i)
     assert rig.finished == tasks  # each reported, in the order the worker sent them
