@@ -101,15 +101,15 @@ class Ring:
     def write_frame(self, body: bytes) -> bool:
         """Put one whole ``u32 length | body`` frame in if it fits without
         wrapping; False (nothing written) otherwise."""
-        ctr, cap = self._ctr, self.capacity
+        ctr, cap, size = self._ctr, self.capacity, len(body)
         head = ctr[_HEAD]
-        end = head % cap + 4 + len(body)
-        if end > cap or head + 4 + len(body) - ctr[_TAIL] > cap:
+        pos = head % cap
+        if pos + 4 + size > cap or head + 4 + size - ctr[_TAIL] > cap:
             return False
         # The data area, not a counter: the consumer reads none of it until head moves.
-        _LEN.pack_into(self._data, end - 4 - len(body), len(body))
-        self._data[end - len(body) : end] = body
-        ctr[_HEAD] = head + 4 + len(body)  # publish: one 8-byte store, after the data
+        _LEN.pack_into(self._data, pos, size)
+        self._data[pos + 4 : pos + 4 + size] = body
+        ctr[_HEAD] = head + 4 + size  # publish: one 8-byte store, after the data
         return True
 
     # -- consumer side -------------------------------------------------

@@ -97,7 +97,7 @@ class QueueTask:
             "queue": self.queue,
             "type": self.type,
             "key": self.key,
-            "payload": base64.b64encode(self.payload).decode() if self.payload else None,
+            "payload": b64_text(self.payload),
             "headers": self.headers,
             "delay": self.delay,
             "timeout": self.timeout,
@@ -120,7 +120,7 @@ class QueueTask:
         if self.id:
             out["id"] = self.id
         if self.payload:
-            out["payload"] = base64.b64encode(self.payload).decode()
+            out["payload"] = b64_text(self.payload)
         if self.key:
             out["key"] = self.key
         if self.headers:
@@ -229,6 +229,11 @@ def payload_tasks(queue: Any, type: Any, payloads: list[Any]) -> list[QueueTask]
         trusted_task(queue, type, _b64_payload(p), "", {}, 0.0, 0.0, 0, "", 0, None, "", None, None)
         for p in payloads
     ]
+
+
+def b64_text(payload: bytes | None) -> str | None:
+    """A payload as the JSON form carries it: base64 text, or None when empty."""
+    return base64.b64encode(payload).decode() if payload else None
 
 
 def _b64_payload(payload: Any) -> bytes | None:

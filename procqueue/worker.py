@@ -74,7 +74,8 @@ class Worker:
         self.config, self.queue, self.index, self.ep = config, queue, index, ep
         self.parent = parent
         self.name = f"{queue}#{index}"
-        self._busy_title = f"procqueue: worker {self.name} busy "  # + the task id
+        self._title_prefix = f"procqueue: worker {self.name} "  # + the state
+        self._busy_title = self._title_prefix + "busy "  # + the task id
         self.handlers: dict[str, Handler] = {}
         self.functions: dict[str, Callable[..., Any]] = {}  # Pool.run targets, resolved once
         self.backlog: collections.deque[bytes] = collections.deque()  # frames read early
@@ -220,7 +221,7 @@ class Worker:
         raise InternalError(f"worker {self.name}: no reply from the supervisor to publish")
 
     def _title(self, state: str) -> None:
-        setproctitle.setproctitle(f"procqueue: worker {self.name} {state}")
+        setproctitle.setproctitle(self._title_prefix + state)
 
 
 def poll_seconds(last_run: float) -> float:
