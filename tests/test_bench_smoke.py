@@ -177,6 +177,19 @@ def test_benchmark_quick_run_reports_every_section(tmp_path: Path) -> None:
         assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.timeout(90)
+def test_cpu_section_runs_cpu_repeat_times_with_a_ceiling_run_around_each(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    args = ["--sections", "cpu", "--cpu-tasks", "4", "--cpu-repeat", "2", "--repeat", "1"]
+    proc = run_bench(*args, "--json", str(out), timeout=80)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    section = json.loads(out.read_text())["cpu"]
+    assert section["repeat"] == 2
+    runs = {name: len(info["tasks_per_s"]) for name, info in section["systems"].items()}
+    assert runs == {name: 3 if name == "bare fork ceiling" else 2 for name in EXPECTED["cpu"]}
+    assert "2 run(s) each" in proc.stdout
+
+
 @pytest.mark.timeout(60)
 def test_benchmark_rejects_an_unknown_section() -> None:
     proc = run_bench("--quick", "--sections", "noop,bogus", timeout=50)
