@@ -82,6 +82,12 @@ def median_ratio(systems: Mapping[str, Mapping[str, Any]], a: str, b: str, unit:
     return float(systems[a][key] / systems[b][key])
 
 
+def paired_ratio(rates: Mapping[str, list[float]], a: str, b: str) -> float:
+    """The median over the repetitions of a's rate over b's in the same one:
+    neighbours in time, so a drift of the machine's speed mostly cancels."""
+    return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+
+
 def throughput_table(
     title: str, section: Mapping[str, Any], ceiling: bool = False, unit: str = "tasks"
 ) -> list[str]:

@@ -10,7 +10,9 @@ Run from the repository root::
 
 Seven sections; inside each, the systems are measured interleaved (A B C,
 A B C, ...) ``--repeat`` times on the same machine in the same run, and
-reported as median and min-max (latencies: p50/p99 over every sample):
+reported as median and min-max (latencies: p50/p99 over every sample), with
+the ratios of the medians and (no-op and CPU sections) the median of each
+repetition's own ratio, which a drift of the machine's speed disturbs less:
 
 1. ``noop``: no-op tasks, 2 workers: the procqueue daemon (memory store,
    prefetch 0, 8 and 64; SQLite store, prefetch 64; ``buffer_size`` large
@@ -95,6 +97,7 @@ from .stats import (
     latency_summary,
     latency_table,
     median_ratio,
+    paired_ratio,
     summary,
     throughput_table,
 )
@@ -246,20 +249,23 @@ def noop_daemons(workdir: Path, stack: contextlib.ExitStack) -> dict[str, Path]:
     return sockets
 
 
-def noop_ratios(result: dict[str, Any]) -> tuple[str, dict[str, float], dict[str, float]]:
-    """The best procqueue variant; printed ratios; every variant against every baseline."""
+def noop_ratios(
+    rates: dict[str, list[float]], result: dict[str, Any]
+) -> tuple[str, dict[str, float], dict[str, float], dict[str, float]]:
+    """The best procqueue variant; printed ratios of medians and paired ratios
+    (the same pairs); every variant against every baseline."""
     baselines_ = [name for name in result if name not in PQ_VARIANTS]
     best = max(PQ_VARIANTS, key=lambda name: result[name]["median_tasks_per_s"])
-    shown = {f"{NOOP_SQLITE} / {NOOP_PQ64}": median_ratio(result, NOOP_SQLITE, NOOP_PQ64, "tasks")}
-    shown |= {
-        f"best procqueue ({best}) / {b}": median_ratio(result, best, b, "tasks") for b in baselines_
-    }
+    pairs = {f"{NOOP_SQLITE} / {NOOP_PQ64}": (NOOP_SQLITE, NOOP_PQ64)}
+    pairs |= {f"best procqueue ({best}) / {b}": (best, b) for b in baselines_}
+    shown = {label: median_ratio(result, a, b, "tasks") for label, (a, b) in pairs.items()}
+    paired = {label: paired_ratio(rates, a, b) for label, (a, b) in pairs.items()}
     every = {
         f"{pq} / {b}": median_ratio(result, pq, b, "tasks")
         for pq in PQ_VARIANTS
         for b in baselines_
     }
-    return best, shown, every
+    return best, shown, paired, every
 
 
 def run_noop(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
@@ -280,7 +286,7 @@ def run_noop(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
         }
         rates = interleaved("no-op", systems, n, repeat)
     result = {name: summary(r) for name, r in rates.items()}
-    best, shown, every = noop_ratios(result)
+    best, shown, paired, every = noop_ratios(rates, result)
     return {
         "tasks": n,
         "workers": WORKERS,
@@ -288,6 +294,7 @@ def run_noop(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
         "systems": result,
         "best_procqueue": best,
         "ratios": shown,
+        "paired_ratios": paired,
         "ratios_all": every,
     }
 
@@ -434,7 +441,11 @@ def render_noop(section: dict[str, Any], runs: str) -> list[str]:
         f"1. no-op tasks: N={section['tasks']:,}, {WORKERS} workers, "
         f"publish_many batches of {BATCH}; {runs}"
     )
-    return throughput_table(title, section)
+    return [
+        *throughput_table(title, section),
+        "  medians of the ratios of the runs of one repetition (neighbours in time):",
+        *(f"    {name}: {value:.2f}x" for name, value in section["paired_ratios"].items()),
+    ]
 
 
 def render_cpu(section: dict[str, Any], runs: str) -> list[str]:

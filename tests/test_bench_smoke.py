@@ -91,6 +91,9 @@ def check_throughput(results: dict[str, Any]) -> None:
     for section in ("noop", "cpu", "latency", "pool", "transport"):
         assert results[section]["ratios"], section
         assert all(v > 0 for v in results[section]["ratios"].values()), section
+    noop = results["noop"]
+    assert set(noop["paired_ratios"]) == set(noop["ratios"])  # the same pairs, both ways
+    assert all(v > 0 for v in noop["paired_ratios"].values())
 
 
 def check_latency(results: dict[str, Any]) -> None:
@@ -222,3 +225,15 @@ def test_brokers_section_is_skipped_by_default_and_refused_when_asked_without_re
     )
     assert any(line.startswith("7. brokers") and "skipped" in line for line in lines)
     assert "section brokers cannot run: Redis at 127.0.0.1:6379" in proc.stderr
+
+
+def test_paired_ratio_is_the_median_of_the_ratios_within_each_repetition() -> None:
+    from benchmarks.stats import median_ratio, paired_ratio, summary
+
+    # The machine runs at half speed in the second repetition: each pair still
+    # shows a at 2x b, while the ratio of the medians is thrown off.
+    rates = {"a": [200.0, 100.0, 210.0], "b": [100.0, 50.0, 105.0]}
+    assert paired_ratio(rates, "a", "b") == 2.0
+    rates = {"a": [300.0, 100.0, 100.0], "b": [100.0, 100.0, 25.0]}
+    assert paired_ratio(rates, "a", "b") == 3.0
+    assert median_ratio({k: summary(v) for k, v in rates.items()}, "a", "b", "tasks") == 1.0
