@@ -499,3 +499,23 @@ def test_memory_store_keeps_only_the_newest_finished_tasks() -> None:
         store.put(task)
     assert store.get("t0") is None  # the oldest finished one went
     assert [store.get(f"t{i}") for i in (1, 2, 3)] == tasks[1:]
+
+
+def test_memory_store_forgets_a_finished_task_only_if_it_is_still_finished_and_stored() -> None:
+    store = MemoryStore(keep_finished=1)
+    requeued, purged = (QueueTask(queue="q", type="t", id=f"t{i}") for i in range(2))
+    for task in (requeued, purged):
+        store.add(task)
+    requeued.status = QueueTaskStatus.FAILED
+    store.put(requeued)
+    requeued.status = QueueTaskStatus.PENDING  # a dead letter back in line, same object
+    store.put(requeued)
+    purged.status = QueueTaskStatus.FAILED
+    store.put(purged)  # pushes the requeued one out of the finished list...
+    assert store.get("t0") is requeued  # ...but it is pending again: kept
+    assert store.purge_dead() == 1 and store.get("t1") is None
+    again = QueueTask(queue="q", type="t", id="t1")  # the purged id published anew
+    store.add(again)
+    again.status = QueueTaskStatus.SUCCEEDED
+    store.put(again)  # pushes the purged task out: the newest finished task stays
+    assert store.get("t1") is again
