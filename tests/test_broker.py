@@ -487,18 +487,20 @@ def test_succeed_all_is_succeed_for_each_run_in_order(rig: Rig) -> None:
     assert stats["succeeded"] == 3 and stats["running"] == 0
 
 
-def test_memory_store_keeps_only_the_newest_finished_tasks() -> None:
-    store = MemoryStore(keep_finished=2)
-    tasks = [QueueTask(queue="q", type="t", id=f"t{i}") for i in range(4)]
+def test_memory_store_keeps_the_newest_finished_tasks_and_forgets_older_ones() -> None:
+    store = MemoryStore(keep_finished=4)  # generations of 4: keeps 4 to 8 finished tasks
+    tasks = [QueueTask(queue="q", type="t", id=f"t{i}") for i in range(13)]
     for task in tasks:
         store.add(task)
-    tasks[3].status = QueueTaskStatus.RUNNING
-    store.put(tasks[3])
-    for task in tasks[:3]:
+    tasks[12].status = QueueTaskStatus.RUNNING
+    store.put(tasks[12])
+    for task in tasks[:12]:
         task.status = QueueTaskStatus.SUCCEEDED
         store.put(task)
-    assert store.get("t0") is None  # the oldest finished one went
-    assert [store.get(f"t{i}") for i in (1, 2, 3)] == tasks[1:]
+    kept = [t for t in tasks[:12] if store.get(t.id) is t]
+    assert 4 <= len(kept) <= 8 and kept == tasks[12 - len(kept) : 12]  # the newest ones
+    assert store.get("t0") is None and store.get("t12") is tasks[12]  # unfinished: always
+    assert store.kept() == len(kept) and store.tasks == {"t12": tasks[12]}
 
 
 def test_memory_store_forgets_a_finished_task_only_if_it_is_still_finished_and_stored() -> None:
