@@ -310,6 +310,49 @@ def test_process_titles(daemon):
     assert titles == ["procqueue: worker default#0 idle", "procqueue: worker default#1 idle"]
 
 
+ONE_WORKER = """
+[queues."one"]
+concurrency = 1
+prefetch = 64
+
+[queues."one".handlers]
+"stamp" = "pqhandlers:stamp"
+"""
+
+
+def _worker_title(daemon) -> str:
+    (worker,) = psutil.Process(daemon.proc.pid).children()
+    return " ".join(worker.cmdline()).strip()
+
+
+def test_a_worker_title_names_its_task_but_never_one_already_done(make_daemon):
+    daemon = make_daemon(queues=ONE_WORKER)
+    client = daemon.client()
+
+    def stamp(**args: float) -> QueueTask:
+        return QueueTask(queue="one", type="stamp", payload=marshal_payload(args))
+
+    def done(task: QueueTask) -> bool:
+        return client.get_task(task.id).status is QueueTaskStatus.SUCCEEDED
+
+    busy = "procqueue: worker one#0 busy "
+    first = client.publish(stamp(sleep=1.0))  # from idle: named
+    until(lambda: _worker_title(daemon) == busy + first.id)
+    # Queued behind it: a task after a long one (named), a run of short ones, a slow one.
+    after_long, *shorts, slow = client.publish_many(
+        [stamp(sleep=0.3)] + [stamp() for _ in range(200)] + [stamp(sleep=1.5)]
+    )
+    # (A prefetched task counts as running at once: the title tells when it starts.)
+    until(lambda: _worker_title(daemon) == busy + after_long.id)
+    until(lambda: all(done(t) for t in shorts), timeout=20)
+    # The worker is on the slow task now, started after a short one: the title
+    # says so, or (had the worker slept between them) names it; never a task done.
+    assert not done(slow)
+    assert _worker_title(daemon) in (busy + "(short tasks)", busy + slow.id)
+    until(lambda: done(slow))
+    until(lambda: _worker_title(daemon) == "procqueue: worker one#0 idle")
+
+
 def test_sigterm_lets_the_running_task_finish(daemon):
     client = daemon.client()
     stored = client.publish(
