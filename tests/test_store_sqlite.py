@@ -8,13 +8,7 @@ import pytest
 
 from conftest import until
 from procqueue.errors import InternalError
-from procqueue.store.sqlite import (
-    CHECKPOINT_PAGES,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    SqliteStore,
-    StoreLocked,
-)
+from procqueue.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreLocked
 from procqueue.task import QueueTask, QueueTaskStatus
 
 pytestmark = pytest.mark.timeout(30)
@@ -65,16 +59,6 @@ def test_tickets_become_durable_and_reads_see_unacked_tasks(tmp_path):
         page = store.page("q", 0, 10)
         assert [seq for seq, _ in page] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]  # not 6, 7
         assert all(t.status is QueueTaskStatus.PENDING for _, t in page)
-    finally:
-        store.close()
-
-
-def test_both_connections_checkpoint_the_wal_every_checkpoint_pages(tmp_path):
-    store = SqliteStore(tmp_path / "a.db")
-    try:
-        for db in (store.db, store.writer.db):
-            assert db.execute("PRAGMA wal_autocheckpoint").fetchone() == (CHECKPOINT_PAGES,)
-            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         store.close()
 
