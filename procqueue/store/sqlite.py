@@ -265,13 +265,13 @@ class SqliteStore:
 
     # -- dead letters and retention --------------------------------------------------
     def dead(self, queue: str | None = None, limit: int = 1000) -> list[QueueTask]:
-        sql = f"SELECT {_COLUMNS} FROM tasks WHERE status = 'failed'"
+        # "finished_at IS NOT NULL" (true of every failed task) lets SQLite read
+        # the partial finished_at index in that order
+        sql = f"SELECT {_COLUMNS} FROM tasks WHERE status = 'failed' AND finished_at IS NOT NULL"
         args: tuple[Any, ...] = ()
         if queue:
             sql += " AND queue = ?"
             args = (queue,)
-        # "finished_at IS NOT NULL" (always true of a failed task) lets SQLite use the partial index
-        sql += " AND finished_at IS NOT NULL"
         rows = self.db.execute(sql + " ORDER BY finished_at LIMIT ?", (*args, limit)).fetchall()
         return [_task(row) for row in rows]
 
