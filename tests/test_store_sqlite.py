@@ -195,13 +195,13 @@ def test_changes_pile_up_while_a_pair_is_in_flight(tmp_path):
 def test_writer_statements_group_tasks_by_the_state_they_reach():
     from procqueue.store.writer import (
         INSERT_SQL,
-        PLAIN_INSERT_SQL,
         UPDATE_BY_ID_SQL,
         UPDATE_BY_SEQ_SQL,
         UPDATE_SEQS_SQL,
         UPDATE_UNFINISHED_SEQS_SQL,
         UPDATE_UNFINISHED_SQL,
         Batch,
+        shared_insert_sql,
         statements,
     )
 
@@ -211,10 +211,11 @@ def test_writer_statements_group_tasks_by_the_state_they_reach():
     answered = (0, "succeeded", "", 1.0, '{"ok":1}', 9.0)
     by_id = [(0, "pending", "", 2.0, None, None, "old")]
     assert statements(Batch(1, 1, [row])) == [(INSERT_SQL, [row])]
-    plain = (2, "t2", "q", "t", None, "pending", 1.0, 1.0, None)
-    assert statements(Batch(1, 2, [row], plain=[plain])) == [
+    shared = ("q", "t", "pending", 1.0, 1.0, None)
+    plain = {shared: [(2, "t2", None), (3, "t3", b"x")]}
+    assert statements(Batch(1, 3, [row], plain=plain)) == [
         (INSERT_SQL, [row]),
-        (PLAIN_INSERT_SQL, [plain]),
+        (shared_insert_sql(2), [(*shared, 2, "t2", None, 3, "t3", b"x")]),
     ]
     states = [(7, *done), (8, *running), (9, *done), (10, *answered), (11, *running), (12, *done)]
     written = dict(statements(Batch(2, 0, states=states, by_id=by_id)))
@@ -224,6 +225,54 @@ def test_writer_statements_group_tasks_by_the_state_they_reach():
     assert UPDATE_UNFINISHED_SQL not in written
     assert written[UPDATE_BY_ID_SQL] == by_id
     assert statements(Batch(3, 0)) == []
+
+
+def test_plain_tasks_go_in_a_few_statements_of_whole_and_power_of_two_sizes():
+    from procqueue.store.writer import SHARED_ROWS_PER_INSERT, Batch, shared_insert_sql, statements
+
+    whole = SHARED_ROWS_PER_INSERT
+    pending = ("q", "t", "pending", 1.0, 1.0, None)
+    done = ("q", "t", "succeeded", 1.0, 1.0, 5.0)
+    plain = {
+        pending: [(i, f"t{i}", None) for i in range(2 * whole + 37)],  # 37 = 32 + 4 + 1
+        done: [(i, f"t{i}", None) for i in range(1000, 1005)],  # 5 = 4 + 1
+    }
+    written = statements(Batch(1, 1004, plain=plain))
+    sizes = {sql: [(len(p) - 6) // 3 for p in params] for sql, params in written}
+    assert sizes == {
+        shared_insert_sql(whole): [whole, whole],
+        shared_insert_sql(32): [32],
+        shared_insert_sql(4): [4, 4],
+        shared_insert_sql(1): [1, 1],
+    }
+    assert sum(len(p) - 6 for _, params in written for p in params) == 3 * (2 * whole + 42)
+    # each statement starts with its group's shared values
+    heads = sorted(p[:6] for _, params in written for p in params)
+    assert heads.count(pending) == 5 and heads.count(done) == 2
+
+
+def test_plain_tasks_of_mixed_states_and_queues_read_back_as_admitted(tmp_path):
+    store = SqliteStore(tmp_path / "m.db")
+    try:
+        tasks = [_task(i) for i in range(300)]
+        for i, task in enumerate(tasks):
+            task.queue = "q" if i % 3 else "other"
+            task.created_at = task.available_at = tasks[0].created_at  # as in one publish
+            task.payload = None if i % 2 else f"p{i}".encode()
+            store.add(task)
+        for task in tasks[::7]:  # finished before their INSERT: inserted done
+            task.status = QueueTaskStatus.SUCCEEDED
+            store.put(task)
+        _wait_durable(store, store.commit()[1])
+        rows = store.db.execute(
+            "SELECT id, queue, payload, status, finished_at IS NOT NULL FROM tasks ORDER BY seq"
+        ).fetchall()
+        assert rows == [
+            (t.id, t.queue, t.payload, t.status.value, t.status is QueueTaskStatus.SUCCEEDED)
+            for t in tasks
+        ]
+    finally:
+        store.close()
 
 
 def test_shared_state_updates_reach_every_row(tmp_path):

@@ -172,10 +172,14 @@ class SqliteStore:
         now = time.time()
         new, changed = self._new, self._changed
         inserts: list[list[Any]] = []
-        plain: list[tuple[Any, ...]] = []
+        plain: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
         for seq, t in new.values():
             if _is_plain(t):
-                plain.append(_plain_row(seq, t, now))
+                shared = _shared_values(t, now)
+                rows = plain.get(shared)
+                if rows is None:
+                    rows = plain[shared] = []
+                rows.append((seq, t.id, t.payload))
             else:
                 inserts.append(_row(seq, t, now))
         states, by_id = self._sort_changes(now)
@@ -354,21 +358,20 @@ def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
 
 
 def _is_plain(t: QueueTask) -> bool:
-    """Whether every column outside ``PLAIN_COLUMNS`` would hold the schema's default."""
+    """Whether every column outside ``writer.SHARED_COLUMNS`` and
+    ``PER_TASK_COLUMNS`` would hold the schema's default."""
     return not (
         t.key or t.headers or t.delay or t.timeout or t.max_retry or t.attempt or t.last_error
     ) and (t.result is None)
 
 
-def _plain_row(seq: int, t: QueueTask, now: float) -> tuple[Any, ...]:
-    """The INSERT row of a plain task (``PLAIN_COLUMNS``), with its state now."""
+def _shared_values(t: QueueTask, now: float) -> tuple[Any, ...]:
+    """A plain task's ``writer.SHARED_COLUMNS``, with its state now: the same
+    for every task of one publish in the same state."""
     status = t.status
     return (
-        seq,
-        t.id,
         t.queue,
         t.type,
-        t.payload,
         _STATUS_TEXT[status],
         stamp(t.created_at),
         stamp(t.available_at),
