@@ -168,3 +168,15 @@ def test_many_threads_wait_at_once(pool):
     with concurrent.futures.ThreadPoolExecutor(4) as threads:
         results = list(threads.map(work, range(4)))
     assert results == [[i + j for j in range(200)] for i in range(4)]
+
+
+def test_a_lone_call_is_sent_by_run_itself_and_later_ones_by_the_sender(pool):
+    notified = []
+    notify = pool._wake.notify
+    pool._wake.notify = lambda n=1: (notified.append(n), notify(n))
+    lone = pool.run(pool_funcs.nap, 0.5)
+    assert not pool._outbox and notified == []  # on the wire already, no thread woken
+    more = [pool.run(pool_funcs.square, i) for i in range(50)]  # while the lone one runs
+    assert notified  # these went to the sender thread, to be batched
+    assert [t.result(10) for t in more] == [i * i for i in range(50)]
+    assert lone.result(10) == 0.5
