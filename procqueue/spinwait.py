@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import socket
 import time
+from typing import Any
 
 REPLY_SPIN = 200e-6  # seconds; a daemon's no-op round trip takes ~100-200 us here
 
@@ -36,3 +38,14 @@ def readable_within(sock: socket.socket, seconds: float) -> bool:
             return False
         yield_()
     return True
+
+
+def select_until(selector: selectors.BaseSelector, end: float) -> list[tuple[Any, int]]:
+    """Poll ``selector`` until it has events or ``perf_counter()`` reaches ``end``;
+    the events, or [] when the time ran out: block on it then."""
+    now, yield_ = time.perf_counter, os.sched_yield
+    while not (events := selector.select(0)):
+        if now() >= end:
+            break
+        yield_()
+    return events

@@ -297,3 +297,43 @@ def test_compact_publish_runs_every_task_with_its_own_payload(daemon):
         assert done.status is QueueTaskStatus.SUCCEEDED
         assert done.result["payload"] == (i if i % 3 else None)
         assert client.get_task(stored[i].id).payload == tasks[i].payload
+
+
+def test_a_client_in_a_request_reply_loop_keeps_the_loop_polling(tmp_path):
+    """A request that follows our last reply within QUICK_CLIENT marks its client
+    as one in a request/reply loop: after the next reply to it the supervisor
+    polls until ``spin_until``; a client that took longer sets no such time."""
+    import selectors
+    import time
+
+    from procqueue.control import NEXT_REQUEST_SPIN, QUICK_CLIENT, ControlServer
+
+    with selectors.DefaultSelector() as sel:
+        server = ControlServer(tmp_path / "c.sock", 0o600, sel, lambda conn, req: {"ok": req["op"]})
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(10)
+        client.connect(str(tmp_path / "c.sock"))
+
+        def request(op: str) -> float:
+            """Send one request, let the server handle it; the time it replied."""
+            client.sendall(_frame(orjson.dumps({"op": op})))
+            while True:
+                for key, mask in sel.select(5):
+                    key.data(mask)
+                conns = list(server.conns)
+                if conns and not conns[0].answers and conns[0].sent_at:
+                    break
+            assert _reply(client) == {"ok": op}
+            return conns[0].sent_at
+
+        first = request("ping")  # the first request of a connection: no loop yet
+        assert server.spin_until == 0.0
+        second = request("ping")  # right after the reply: a loop
+        assert server.spin_until == pytest.approx(second + NEXT_REQUEST_SPIN)
+        assert second > first
+        time.sleep(QUICK_CLIENT * 3)
+        third = request("ping")  # after a pause: no polling for this one
+        assert server.spin_until == pytest.approx(second + NEXT_REQUEST_SPIN)
+        assert third > second + QUICK_CLIENT
+        client.close()
+        server.close()

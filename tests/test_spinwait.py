@@ -1,14 +1,16 @@
-"""procqueue.spinwait: the bounded poll a caller does before sleeping on a reply."""
+"""procqueue.spinwait: the bounded polls done before sleeping on a reply (a client)
+or on the next request (the supervisor)."""
 
 from __future__ import annotations
 
+import selectors
 import socket
 import threading
 import time
 
 import pytest
 
-from procqueue.spinwait import readable_within
+from procqueue.spinwait import readable_within, select_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -52,3 +54,32 @@ def test_a_closed_peer_counts_as_readable(pair):
     b.close()
     assert readable_within(a, 5.0)
     assert a.recv(1) == b""  # the caller then reads EOF and reports it
+
+
+def test_select_until_returns_ready_events_at_once(pair):
+    a, b = pair
+    with selectors.DefaultSelector() as sel:
+        sel.register(a, selectors.EVENT_READ, "a")
+        b.send(b"x")
+        events = select_until(sel, time.perf_counter() + 10.0)
+        assert [key.data for key, _ in events] == ["a"]
+
+
+def test_select_until_gives_up_at_its_deadline(pair):
+    a, _ = pair
+    with selectors.DefaultSelector() as sel:
+        sel.register(a, selectors.EVENT_READ, "a")
+        start = time.perf_counter()
+        assert select_until(sel, start + 0.002) == []
+        assert time.perf_counter() - start >= 0.002
+        assert select_until(sel, 0.0) == []  # a deadline passed: one look, no wait
+
+
+def test_select_until_ends_when_an_event_arrives(pair):
+    a, b = pair
+    with selectors.DefaultSelector() as sel:
+        sel.register(a, selectors.EVENT_READ, "a")
+        threading.Timer(0.005, b.send, (b"late",)).start()
+        start = time.perf_counter()
+        assert [key.data for key, _ in select_until(sel, start + 5.0)] == ["a"]
+        assert time.perf_counter() - start < 4.0
