@@ -15,7 +15,7 @@ import orjson
 from .control import FRAME, encode_frame
 from .cron import CronTask
 from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
-from .spinwait import REPLY_SPIN, readable_within
+from .spinwait import REPLY_SPIN, ReplyPoll
 from .task import QueueTask, QueueTaskStatus, b64_text, from_stamp, trusted_task
 
 # Tasks per publish request: ``publish_many`` sends longer lists as pipelined
@@ -27,8 +27,9 @@ PUBLISH_PART = 256
 class Client:
     """A blocking client; one request at a time. Not thread-safe: one per thread.
 
-    ``spin``: seconds to poll for a reply before sleeping on the socket (see
-    ``procqueue.spinwait``); 0 never polls.
+    ``spin``: seconds to poll for a reply before sleeping on the socket, when
+    polling gave the shorter waits lately (see ``procqueue.spinwait``); 0
+    never polls.
     """
 
     _sock: socket.socket | None
@@ -42,6 +43,7 @@ class Client:
         self.path = Path(socket)
         self.timeout = timeout
         self.spin = spin
+        self._poll = ReplyPoll(spin)
         self._sock = None
 
     @classmethod
@@ -249,8 +251,10 @@ class Client:
         return replies
 
     def _read_frame(self, sock: socket.socket) -> bytes:
-        readable_within(sock, self.spin)  # a reply due soon: no sleep, no wake-up
-        (size,) = FRAME.unpack(_recv_exact(sock, 4))
+        ticket = self._poll.wait(sock)  # a reply due soon: poll (no wake-up) or not
+        head = _recv_exact(sock, 4)
+        self._poll.done(ticket)
+        (size,) = FRAME.unpack(head)
         if size > 1 << 30:
             raise ProtocolError(f"reply of {size} bytes is implausible")
         return _recv_exact(sock, size)

@@ -10,18 +10,41 @@ a short, bounded time before it blocks. ``sched_yield`` between polls hands
 the core to any other runnable process (with more processes than cores the
 very process we wait for may be queued behind us). The budget is spent only
 while a reply is awaited, never while idle; ``spin=0`` turns it off.
+
+Polling pays only when the process we wait for runs on another core. When the
+scheduler puts both on one core, ``sched_yield`` does not hand it over (Linux's
+EEVDF scheduler keeps running the poller until the other process is
+"eligible"), so the poll delays the very reply it waits for by about its own
+length: measured with the client pinned to the supervisor's core, publish +
+wait took 169 us at the median without a poll, 239 us with one of 30 us and
+315 us with one of 200 us, against 113 and 81 us with the client on the
+worker's core. Where the scheduler puts processes changes from one second to
+the next, so a ``Client`` keeps choosing (``ReplyPoll``): it polls or not by
+which of the two gave the shorter waits lately, and tries the other way now
+and then. In the benchmark's latency section that took publish + wait from
+285-301 to 180-191 us and ``Client.run`` from 91-211 to 109-115 us (three
+runs each, side by side). ``Pool.run(...).result()`` always polls: pinned
+beside its supervisor it lost less to the poll (148 us polling, 163 not),
+and choosing gave 97-100 us in the benchmark against 84-96 polling.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import select
 import selectors
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 REPLY_SPIN = 200e-6  # seconds; a daemon's no-op round trip takes ~100-200 us here
+TRY_OTHER = 1 / 16  # the share of waits that go the way not chosen, to measure it again
+WAIT_CAP = 1e-3  # longer waits count as this: no poll saves or costs much beside them
+# Weight of a new wait in the moving average of its way: about the last 16
+# waits of the way chosen, and the last 4 tries of the other (~64 waits).
+WEIGHT_CHOSEN, WEIGHT_TRIED = 1 / 16, 1 / 4
 
 
 def readable_within(sock: socket.socket, seconds: float) -> bool:
@@ -38,6 +61,59 @@ def readable_within(sock: socket.socket, seconds: float) -> bool:
             return False
         yield_()
     return True
+
+
+_random = random.Random().random
+
+
+class ReplyPoll:
+    """Poll for a reply for up to ``seconds`` before blocking on it, or not,
+    whichever gave the shorter waits lately (see the module's docstring).
+
+    ``start()`` before a wait gives a ticket (``ticket.poll``: whether to
+    poll); ``done(ticket)`` once the reply is there records how long the wait
+    took, the poll included. Threads may share one: the state is per ticket.
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        clock: Callable[[], float] = time.perf_counter,
+        chance: Callable[[], float] = _random,  # not every 16th: requests alternate in kind
+    ) -> None:
+        self.seconds = seconds
+        self.mean = [0.0, 0.0]  # moving averages of the waits without / with a poll
+        self._clock, self._chance = clock, chance
+
+    def start(self) -> PollTicket:
+        without, with_poll = self.mean
+        # Poll until both ways are measured, then only for a clear gain: a
+        # poll costs CPU while it lasts.
+        chosen = not (without and with_poll) or with_poll < 0.9 * without
+        tried = self._chance() < TRY_OTHER
+        poll = self.seconds > 0 and chosen != tried
+        return PollTicket(poll, tried, self._clock())
+
+    def done(self, ticket: PollTicket) -> None:
+        took = min(self._clock() - ticket.since, WAIT_CAP)
+        way = int(ticket.poll)
+        mean = self.mean[way]
+        weight = WEIGHT_TRIED if ticket.tried else WEIGHT_CHOSEN
+        self.mean[way] = took if not mean else mean + weight * (took - mean)
+
+    def wait(self, sock: socket.socket) -> PollTicket:
+        """``start()`` and, if it says so, poll ``sock``; the caller reads the
+        reply, then calls ``done()`` with the ticket."""
+        ticket = self.start()
+        if ticket.poll:
+            readable_within(sock, self.seconds)
+        return ticket
+
+
+class PollTicket(NamedTuple):
+    poll: bool  # whether this wait polls
+    tried: bool  # the way not chosen, tried to measure it again
+    since: float  # perf_counter() at its start
 
 
 def select_until(selector: selectors.BaseSelector, end: float) -> list[tuple[Any, int]]:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from procqueue.spinwait import readable_within, select_until
+from procqueue.spinwait import WAIT_CAP, ReplyPoll, readable_within, select_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,3 +83,62 @@ def test_select_until_ends_when_an_event_arrives(pair):
         start = time.perf_counter()
         assert [key.data for key, _ in select_until(sel, start + 5.0)] == ["a"]
         assert time.perf_counter() - start < 4.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _waits(poll: ReplyPoll, clock: FakeClock, polled: float, blocked: float, n: int) -> list:
+    """``n`` waits that take ``polled`` seconds when they poll, ``blocked`` when not;
+    their tickets."""
+    tickets = []
+    for _ in range(n):
+        ticket = poll.start()
+        clock.now += polled if ticket.poll else blocked
+        poll.done(ticket)
+        tickets.append(ticket)
+    return tickets
+
+
+def _chosen(tickets: list) -> set[bool]:
+    """The ways chosen (not tried) by these waits."""
+    return {t.poll for t in tickets if not t.tried}
+
+
+def test_reply_poll_starts_polling_and_keeps_on_while_it_pays():
+    clock, chance = FakeClock(), iter([0.5] * 15 + [0.0] + [0.5] * 200).__next__
+    poll = ReplyPoll(200e-6, clock, chance)
+    tickets = _waits(poll, clock, polled=80e-6, blocked=120e-6, n=216)
+    assert [t.poll for t in tickets[:15]] == [True] * 15
+    assert tickets[15].tried and not tickets[15].poll  # the one try of the other way
+    assert _chosen(tickets[16:]) == {True}  # 120 us blocked against 80 polling
+    assert poll.mean == [pytest.approx(120e-6, rel=1e-3), pytest.approx(80e-6, rel=1e-3)]
+
+
+def test_reply_poll_stops_when_polling_delays_the_reply_and_comes_back():
+    """Beside the process it waits for, on one core, the poll holds the reply
+    back; tries of the other way show it, and later show the way back."""
+    clock = FakeClock()
+    poll = ReplyPoll(200e-6, clock, iter(([0.5] * 7 + [0.0]) * 200).__next__)  # 1 try in 8
+    _waits(poll, clock, polled=80e-6, blocked=120e-6, n=64)  # apart: polling wins
+    shared = _waits(poll, clock, polled=340e-6, blocked=170e-6, n=160)  # one core
+    assert _chosen(shared[-80:]) == {False}
+    assert {t.poll for t in shared[-80:] if t.tried} == {True}  # tries still measure it
+    assert poll.mean[0] == pytest.approx(170e-6, rel=1e-3) and poll.mean[1] > 300e-6
+    apart = _waits(poll, clock, polled=80e-6, blocked=120e-6, n=160)
+    assert _chosen(apart[-80:]) == {True}  # polling again
+
+
+def test_reply_poll_never_polls_without_a_budget_or_for_long_waits():
+    clock = FakeClock()
+    assert not any(t.poll for t in _waits(ReplyPoll(0.0, clock), clock, 50e-6, 50e-6, 100))
+    poll = ReplyPoll(200e-6, clock, iter(([0.5] * 3 + [0.0]) * 100).__next__)
+    tickets = _waits(poll, clock, polled=0.02, blocked=0.02, n=400)  # 20 ms tasks
+    assert poll.mean == [WAIT_CAP, WAIT_CAP]  # both capped: no gain from polling
+    assert _chosen(tickets[-100:]) == {False}  # only the tries poll
+    assert sum(t.poll for t in tickets[-100:]) == 25
