@@ -442,12 +442,15 @@ def test_client_run_publishes_and_waits_in_one_call(daemon):
 
 
 def test_an_idle_daemon_uses_no_cpu(daemon):
-    """Polling for replies and frames is bounded: once the tasks are done, the
-    supervisor and its workers sleep (a cap far above the ~0.00 s measured)."""
+    """Polling for replies, frames and a quick client's next request is bounded:
+    once the tasks are done, the supervisor and its workers sleep (a cap far
+    above the ~0.00 s measured)."""
     client = daemon.client()
     stored = client.publish_many([QueueTask(queue="default", type="echo") for _ in range(50)])
     for task in stored:
         assert client.wait(task.id, timeout=30).status is OK
+    for _ in range(50):  # a request/reply loop: the supervisor polls between requests
+        assert client.run(QueueTask(queue="default", type="echo"), timeout=30).status is OK
     procs = [psutil.Process(daemon.proc.pid), *(psutil.Process(p) for p in daemon.worker_pids())]
     time.sleep(0.2)  # every poll has run out by now (the longest is 0.5 ms)
     before = [sum(p.cpu_times()[:2]) for p in procs]
