@@ -45,6 +45,7 @@ class Client:
         self.spin = spin
         self._poll = ReplyPoll(spin)
         self._sock = None
+        self._inbuf = bytearray()  # reply bytes read but not yet taken
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], timeout: float | None = 30.0) -> Client:
@@ -200,6 +201,7 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._inbuf.clear()  # a new connection starts on a frame boundary
 
     def __enter__(self) -> Client:
         return self
@@ -251,13 +253,20 @@ class Client:
         return replies
 
     def _read_frame(self, sock: socket.socket) -> bytes:
-        ticket = self._poll.wait(sock)  # a reply due soon: poll (no wake-up) or not
-        head = _recv_exact(sock, 4)
-        self._poll.done(ticket)
-        (size,) = FRAME.unpack(head)
+        # Buffered: one recv usually brings a whole reply (or several), not a
+        # recv for its length and another for its body.
+        buf = self._inbuf
+        if len(buf) < 4:
+            ticket = self._poll.wait(sock)  # a reply due soon: poll (no wake-up) or not
+            _recv_into(sock, buf, 4)
+            self._poll.done(ticket)
+        (size,) = FRAME.unpack_from(buf)
         if size > 1 << 30:
             raise ProtocolError(f"reply of {size} bytes is implausible")
-        return _recv_exact(sock, size)
+        _recv_into(sock, buf, 4 + size)
+        frame = bytes(buf[4 : 4 + size])
+        del buf[: 4 + size]
+        return frame
 
 
 def _part_fields(part: list[QueueTask]) -> dict[str, Any]:
@@ -323,14 +332,13 @@ def _stored_copies(sources: list[QueueTask], brief: dict[str, Any]) -> list[Queu
     return out
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
+def _recv_into(sock: socket.socket, buf: bytearray, n: int) -> None:
+    """Read from ``sock`` onto ``buf`` until it holds at least ``n`` bytes."""
     while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        chunk = sock.recv(max(n - len(buf), 1 << 16))
         if not chunk:
             raise EOFError("connection closed by the daemon")
         buf += chunk
-    return bytes(buf)
 
 
 def _past(deadline: float | None) -> bool:
