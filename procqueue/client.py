@@ -333,9 +333,10 @@ def _stored_copies(sources: list[QueueTask], brief: dict[str, Any]) -> list[Queu
 
 
 def _recv_into(sock: socket.socket, buf: bytearray, n: int) -> None:
-    """Read from ``sock`` onto ``buf`` until it holds at least ``n`` bytes."""
+    """Read from ``sock`` onto ``buf`` until it holds at least ``n`` bytes
+    (64 KiB to 1 MiB a call: ``recv`` allocates all it is asked for)."""
     while len(buf) < n:
-        chunk = sock.recv(max(n - len(buf), 1 << 16))
+        chunk = sock.recv(min(max(n - len(buf), 1 << 16), 1 << 20))
         if not chunk:
             raise EOFError("connection closed by the daemon")
         buf += chunk
