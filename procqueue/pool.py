@@ -24,6 +24,7 @@ from .broker import Broker, QueueState
 from .config import Config
 from .ring import PeerGone
 from .spawn import WorkerHandle, WorkerState, fork_worker
+from .spinwait import poll_until
 from .worker import EXIT_BOOT_ERROR
 
 log = logging.getLogger("procqueue.supervisor")
@@ -116,13 +117,7 @@ class WorkerPool:
             for h in self.by_pid.values()
             if h.inflight and not h.ep.closed and h.last_run < seconds
         ]
-        while rings:
-            if any(ring.readable() for ring in rings):
-                return True
-            if time.perf_counter() >= end:
-                return False
-            os.sched_yield()  # a worker waiting for a core gets it (see Endpoint.spin)
-        return False
+        return bool(rings) and poll_until(lambda: any(r.readable() for r in rings), end)
 
     def sleep_done(self) -> None:
         for handle in self.by_pid.values():

@@ -40,12 +40,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
-import os
 import select
 import socket
 import struct
 import threading
 import time
+
+from .spinwait import poll_until
 
 HEADER = 256
 _HEAD, _TAIL, _SLEEP, _WAIT = 0, 8, 16, 24  # indexes into the header cast to 'Q'
@@ -290,13 +291,7 @@ class Endpoint:
         (with more processes than cores, a bare spin would starve the very
         process we wait for) and costs little when there is none.
         """
-        end = time.perf_counter() + seconds
-        readable, now, yield_ = self.rx.readable, time.perf_counter, os.sched_yield
-        while not readable():
-            if now() >= end:
-                return False
-            yield_()
-        return True
+        return bool(poll_until(self.rx.readable, time.perf_counter() + seconds))
 
     def wait(self, timeout: float | None) -> None:
         """Block until there is something to read (or room to write), or ``timeout``."""

@@ -37,7 +37,9 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 REPLY_SPIN = 200e-6  # seconds; a daemon's no-op round trip takes ~100-200 us here
 TRY_OTHER = 1 / 16  # the share of waits that go the way not chosen, to measure it again
@@ -47,6 +49,18 @@ WAIT_CAP = 1e-3  # longer waits count as this: no poll saves or costs much besid
 WEIGHT_CHOSEN, WEIGHT_TRIED = 1 / 16, 1 / 4
 
 
+def poll_until(ready: Callable[[], T], end: float) -> T:
+    """Call ``ready`` until it returns something true or ``perf_counter()``
+    reaches ``end``; its last result. The one spin loop of procqueue (a reply,
+    the next request, a ring's next frame): ``sched_yield`` between tries."""
+    now, yield_ = time.perf_counter, os.sched_yield
+    while not (result := ready()):
+        if now() >= end:
+            break
+        yield_()
+    return result
+
+
 def readable_within(sock: socket.socket, seconds: float) -> bool:
     """Poll ``sock`` for up to ``seconds``; True as soon as it has data to read
     (or is closed), False when the time ran out: block on it then."""
@@ -54,13 +68,7 @@ def readable_within(sock: socket.socket, seconds: float) -> bool:
         return False
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    poll, now, yield_ = poller.poll, time.perf_counter, os.sched_yield
-    end = now() + seconds
-    while not poll(0):
-        if now() >= end:
-            return False
-        yield_()
-    return True
+    return bool(poll_until(lambda: poller.poll(0), time.perf_counter() + seconds))
 
 
 _random = random.Random().random
@@ -119,9 +127,4 @@ class PollTicket(NamedTuple):
 def select_until(selector: selectors.BaseSelector, end: float) -> list[tuple[Any, int]]:
     """Poll ``selector`` until it has events or ``perf_counter()`` reaches ``end``;
     the events, or [] when the time ran out: block on it then."""
-    now, yield_ = time.perf_counter, os.sched_yield
-    while not (events := selector.select(0)):
-        if now() >= end:
-            break
-        yield_()
-    return events
+    return poll_until(lambda: selector.select(0), end)
