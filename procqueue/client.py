@@ -264,7 +264,8 @@ class Client:
         if size > 1 << 30:
             raise ProtocolError(f"reply of {size} bytes is implausible")
         _recv_into(sock, buf, 4 + size)
-        frame = bytes(buf[4 : 4 + size])
+        with memoryview(buf) as view:  # one copy of the body, not a slice and a copy
+            frame = bytes(view[4 : 4 + size])
         del buf[: 4 + size]
         return frame
 

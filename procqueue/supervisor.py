@@ -205,10 +205,10 @@ class Supervisor:
         answered: poll for its next request for a moment (``ControlServer.spin_until``)
         before sleeping, as waking this process on an idle vCPU costs tens of us."""
         if timeout != 0 and self.control is not None:
-            end = self.control.spin_until
+            now, end = time.perf_counter(), self.control.spin_until
             if timeout is not None:
-                end = min(end, time.perf_counter() + timeout)
-            if end > time.perf_counter() and (events := select_until(self.selector, end)):
+                end = min(end, now + timeout)
+            if end > now and (events := select_until(self.selector, end)):
                 return events
         return self.selector.select(timeout)
 
