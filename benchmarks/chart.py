@@ -54,6 +54,8 @@ def draw_throughput(ax: Any, rows: list[tuple[str, float, float, float]]) -> Non
     ax.set_title("Throughput, 2 workers (blue: procqueue)")
     for y, row in zip(ys, rows, strict=True):  # the median, right of the whisker
         ax.text(row[3] * 1.05, y, f"{row[1]:,.0f}", va="center", fontsize=7)
+    left = min(r[2] for r in rows)
+    ax.set_xlim(left / 2, max(r[3] for r in rows) * 4)  # room for the rightmost label
 
 
 def draw_latency(ax: Any, rows: list[tuple[str, float, float]]) -> None:
@@ -66,6 +68,7 @@ def draw_latency(ax: Any, rows: list[tuple[str, float, float]]) -> None:
     ax.set_yticks(ys, [r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("µs")
+    ax.set_xlim(0, max(p99) * 1.1)  # room for the rightmost label
     ax.set_title("Latency, one idle worker")
     ax.legend(loc="best", fontsize=8)
     for y, a, b in zip(ys, p50, p99, strict=True):
