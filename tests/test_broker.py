@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from procqueue.broker import Broker, QueueState
 from procqueue.config import TaskQueueConfig
@@ -156,6 +158,76 @@ def test_queue_full_at_buffer_size_reports_accepted() -> None:
     with pytest.raises(QueueFull) as again:
         rig.broker.publish([QueueTask(queue="default", type="echo")])
     assert again.value.accepted == []  # type: ignore[attr-defined]
+
+
+TaskSpec = tuple[str, bool, float]  # (queue, own id?, delay)
+QUEUES = ["default", "other"]
+PLAIN: TaskSpec = ("default", False, 0.0)
+task_specs = st.one_of(
+    st.lists(  # anything
+        st.tuples(st.sampled_from(QUEUES), st.booleans(), st.sampled_from([0.0, 30.0])),
+        max_size=12,
+    ),
+    st.integers(0, 9).map(lambda n: [PLAIN] * n),  # plain batches, of every size around the room
+)
+
+
+def _admitted(broker: Broker, specs: list[TaskSpec], force: bool) -> list[object]:
+    """What publishing ``specs`` as one batch did: every field of the tasks
+    it admitted, the error (if any), the ready lines, the store and counters."""
+    tasks = [
+        QueueTask(queue=q, type="echo", id=f"own-{i}" if own else "", delay=delay)
+        for i, (q, own, delay) in enumerate(specs)
+    ]
+    try:
+        accepted, error = broker.publish(tasks, force=force), None
+    except QueueFull as exc:
+        accepted, error = exc.accepted, type(exc)  # type: ignore[attr-defined]
+    return [
+        [t.to_dict() for t in accepted],
+        error,
+        {name: [t.id for t in s.ready] for name, s in broker.queues.items()},
+        {name: [(at, t.id) for at, _, t in s.delayed] for name, s in broker.queues.items()},
+        sorted(broker.store.tasks),  # type: ignore[attr-defined]
+        broker.stats(),
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(earlier=task_specs, batch=task_specs, force=st.booleans())
+@example(earlier=[], batch=[PLAIN] * 7, force=False)  # more than buffer_size
+@example(earlier=[PLAIN] * 4, batch=[PLAIN] * 3, force=False)  # more than the room left
+@example(earlier=[PLAIN] * 6, batch=[PLAIN] * 3, force=True)
+@example(earlier=[], batch=[PLAIN, ("other", False, 0.0), PLAIN], force=False)  # two queues
+def test_a_batch_admitted_at_once_is_admitted_as_task_by_task(
+    earlier: list[TaskSpec], batch: list[TaskSpec], force: bool
+) -> None:
+    """``Broker._admit_plain`` (one queue, no ids, no delays, room for all) is
+    only a faster way: every batch ends up as the per-task path leaves it."""
+    queues = {
+        name: TaskQueueConfig(buffer_size=6, handlers=HANDLERS) for name in ("default", "other")
+    }
+    results = []
+    for batched in (True, False):
+        broker = Broker(queues, MemoryStore(), lambda: T0)
+        broker._id_prefix = "same-"  # the ids are compared too
+        if not batched:
+            broker._all_plain = lambda *args: False  # type: ignore[method-assign]
+        _admitted(broker, earlier, force=True)
+        results.append(_admitted(broker, batch, force))
+    assert results[0] == results[1]
+
+
+def test_a_plain_batch_gets_consecutive_ids_in_order(rig: Rig) -> None:
+    tasks = [QueueTask(queue="default", type="echo", payload=bytes([i])) for i in range(5)]
+    stored = rig.broker.publish(tasks)
+    assert stored == tasks  # taken over, in order
+    assert len({t.id for t in stored}) == 5
+    assert [int(t.id.rpartition("-")[2], 16) for t in stored] == [1, 2, 3, 4, 5]
+    assert [t.payload for t in rig.state().ready] == [bytes([i]) for i in range(5)]
+    assert all(t.status is QueueTaskStatus.PENDING and t.created_at == at(T0) for t in stored)
+    assert rig.store.seq == 5
+    assert rig.broker.stats()["default"]["published"] == 5
 
 
 def test_queue_full_counts_delayed_tasks_but_not_running() -> None:

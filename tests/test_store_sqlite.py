@@ -77,6 +77,25 @@ def test_reopen_keeps_everything(tmp_path):
         store.close()
 
 
+def test_add_many_is_add_of_each_in_order(tmp_path):
+    store = SqliteStore(tmp_path / "a.db")
+    try:
+        store.add(_task(0))
+        tasks = [_task(i) for i in range(1, 6)]
+        store.add_many(tasks)
+        assert store.seq == 6 and store.get("task-3") is tasks[2]
+        store.add(_task(6))
+        tasks[1].status = QueueTaskStatus.RUNNING
+        store.put_started([tasks[1]])
+        _wait_durable(store, store.commit()[1])
+        page = store.page("q", 0, 100)
+        pending = [(n + 1, f"task-{n}") for n in range(7) if n != 2]
+        assert [(seq, t.id) for seq, t in page] == pending
+        assert store.running()[0].id == "task-2"  # seq 3, started: not pending
+    finally:
+        store.close()
+
+
 def test_migrates_a_version_1_database(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite3.connect(path, isolation_level=None)

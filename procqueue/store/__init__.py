@@ -20,7 +20,11 @@ class Store(Protocol):
 
     def add(self, task: QueueTask, held: bool = True) -> int: ...  # its admission seq
 
+    def add_many(self, tasks: list[QueueTask]) -> None: ...  # ``add`` each, held, in order
+
     def put(self, task: QueueTask) -> None: ...  # a change of a task already added
+
+    def put_started(self, tasks: list[QueueTask]) -> None: ...  # ``put`` of tasks now running
 
     def get(self, task_id: str) -> QueueTask | None: ...
 

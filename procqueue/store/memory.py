@@ -40,6 +40,10 @@ class MemoryStore:
         self.tasks[task.id] = task  # a new task: never finished
         return self.seq
 
+    def add_many(self, tasks: list[QueueTask]) -> None:
+        self.seq += len(tasks)
+        self.tasks.update({task.id: task for task in tasks})
+
     def put(self, task: QueueTask) -> None:
         # The broker changes the very objects ``add`` stored: a change matters
         # here only when a task finishes (it moves to the finished tasks) or
@@ -55,6 +59,11 @@ class MemoryStore:
             self._finished.append({})
             if (len(self._finished) - 2) * self._size >= self.keep_finished:
                 self._finished.popleft()  # the others still hold keep_finished
+
+    def put_started(self, tasks: list[QueueTask]) -> None:
+        """Nothing to do: they are the very objects held in ``self.tasks`` (every
+        way into the ready line adds or puts the task; a dead letter requeued
+        comes back through ``put``), changed in place."""
 
     def get(self, task_id: str) -> QueueTask | None:
         task = self.tasks.get(task_id)

@@ -123,6 +123,10 @@ class SqliteStore:
         if task.id not in self._new:  # a new task is inserted with its state at commit
             self._changed[task.id] = task
 
+    def put_started(self, tasks: list[QueueTask]) -> None:
+        for task in tasks:
+            self.put(task)
+
     def add(self, task: QueueTask, held: bool = True) -> int:
         """Record a newly admitted task; returns its admission ``seq``.
 
@@ -134,6 +138,14 @@ class SqliteStore:
         if held:
             self._seqs[task.id] = self.seq
         return self.seq
+
+    def add_many(self, tasks: list[QueueTask]) -> None:
+        """``add`` each task, held, in order."""
+        new, seqs = self._new, self._seqs
+        for seq, task in enumerate(tasks, self.seq + 1):
+            new[task.id] = (seq, task)
+            seqs[task.id] = seq
+        self.seq += len(tasks)
 
     def get(self, task_id: str) -> QueueTask | None:
         if task_id in self._new:
