@@ -49,6 +49,38 @@ class Counters:
     retried: int = 0
 
 
+class RecentRuns:
+    """A queue's recent runs, for ``stats``: how many ended in each second of
+    the last minute (its throughput) and the run times of the last 4,096 (the
+    percentiles). A count per second, not an entry per run: a queue running
+    100,000 tasks a second would need 6 million entries for its minute."""
+
+    WINDOW = 60  # seconds
+    __slots__ = ("_ended", "durations")
+
+    def __init__(self) -> None:
+        self.durations: collections.deque[float] = collections.deque(maxlen=4096)
+        self._ended: collections.deque[list[int]] = collections.deque()  # [second, runs]
+
+    def add(self, now: float, durations: list[float]) -> None:
+        """Runs that ended at ``now`` (monotonic seconds), with their run times."""
+        if not durations:
+            return
+        self.durations.extend(durations)
+        second = int(now)
+        if self._ended and self._ended[-1][0] == second:
+            self._ended[-1][1] += len(durations)
+            return
+        self._ended.append([second, len(durations)])
+        while self._ended[0][0] <= second - self.WINDOW:
+            self._ended.popleft()
+
+    def per_second(self, now: float) -> float:
+        """Runs a second, over the minute up to ``now``."""
+        since = int(now) - self.WINDOW
+        return sum(runs for second, runs in self._ended if second > since) / self.WINDOW
+
+
 @dataclass(slots=True)
 class QueueState:
     name: str
@@ -57,9 +89,7 @@ class QueueState:
     delayed: list[tuple[float, int, QueueTask]] = field(default_factory=list)  # heap
     running: int = 0
     counters: Counters = field(default_factory=Counters)
-    runs: collections.deque[tuple[float, float]] = field(  # (monotonic end, seconds)
-        default_factory=lambda: collections.deque(maxlen=4096)
-    )
+    recent: RecentRuns = field(default_factory=RecentRuns)
     # Paging (stores that spill): while ``spilling``, new tasks go to disk only and
     # the ready queue refills from the store in admission order after ``cursor``.
     spilling: bool = False
@@ -196,10 +226,8 @@ class Broker:
         """``_admit`` for a batch that ``_all_plain`` accepted, with the
         per-task work that the batch shares done once (measured: the
         supervisor's admission 1.36 -> 1.08 us a task)."""
-        first = self._ids + 1
-        self._ids += len(tasks)
-        for number, task in enumerate(tasks, first):
-            task.id = self._task_id(number)
+        for task, task_id in zip(tasks, self._task_ids(len(tasks)), strict=True):
+            task.id = task_id
             task.status, task.attempt, task.last_error, task.result = _PENDING, 0, "", None
             task.created_at = task.available_at = created
         self.store.add_many(tasks)
@@ -209,8 +237,14 @@ class Broker:
             self.metrics.published(state.name, len(tasks))
         return tasks
 
-    def _task_id(self, number: int) -> str:
-        return f"{self._id_prefix}{number:010x}"
+    def _task_ids(self, count: int) -> list[str]:
+        """``count`` new task ids: the random prefix of this supervisor and a
+        counter, in decimal (``{:010x}`` took 0.19 us of CPU an id here, plain
+        decimal 0.09)."""
+        first = self._ids + 1
+        self._ids += count
+        prefix = self._id_prefix
+        return [f"{prefix}{number}" for number in range(first, first + count)]
 
     def _admit(
         self, task: QueueTask, state: QueueState, now: float, created: datetime, fits: bool
@@ -218,8 +252,7 @@ class Broker:
         """``fits``: the task may be held in memory (forced, or the queue below
         ``buffer_size``); a spilling store keeps it on disk only otherwise."""
         if not task.id:
-            self._ids += 1
-            task.id = self._task_id(self._ids)
+            task.id = self._task_ids(1)[0]
         task.status, task.attempt, task.last_error, task.result = _PENDING, 0, "", None
         task.created_at = created
         task.available_at = from_stamp(now + task.delay) if task.delay else created
@@ -362,11 +395,10 @@ class Broker:
         state = self.queues[runs[0][0].queue]
         state.running -= len(runs)
         state.counters.succeeded += len(runs)
-        now, keep, put, metrics = time.monotonic(), state.runs.append, self.store.put, self.metrics
+        state.recent.add(time.monotonic(), [s for _, _, s in runs if s is not None])
+        put, metrics = self.store.put, self.metrics
         on_finish, succeeded = self.on_finish, QueueTaskStatus.SUCCEEDED
         for task, result, seconds in runs:
-            if seconds is not None:
-                keep((now, seconds))
             task.status = succeeded
             task.result = result
             put(task)
@@ -382,7 +414,7 @@ class Broker:
         state = self.queues[task.queue]
         state.running -= 1
         if seconds is not None:
-            state.runs.append((time.monotonic(), seconds))
+            state.recent.add(time.monotonic(), [seconds])
         limit = task.max_retry if task.max_retry > 0 else state.config.max_retry
         if not retry or task.attempt >= limit:
             self._dead(task, state, error)
@@ -416,9 +448,7 @@ class Broker:
 
 
 def _queue_stats(s: QueueState) -> dict[str, Any]:
-    since = time.monotonic() - 60.0
-    last_minute = [d for t, d in s.runs if t >= since]
-    durations = sorted(d for _, d in s.runs)
+    durations = sorted(s.recent.durations)
     return {
         "concurrency": s.config.concurrency,
         "pending": s.pending,
@@ -431,7 +461,7 @@ def _queue_stats(s: QueueState) -> dict[str, Any]:
         "succeeded": s.counters.succeeded,
         "failed": s.counters.failed,
         "retried": s.counters.retried,
-        "throughput_1m": round(len(last_minute) / 60.0, 3),
+        "throughput_1m": round(s.recent.per_second(time.monotonic()), 3),
         "run_p50": _percentile(durations, 0.50),
         "run_p99": _percentile(durations, 0.99),
     }

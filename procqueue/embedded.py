@@ -323,7 +323,7 @@ class Pool:
             payload = orjson.dumps(call)
         except TypeError as exc:
             raise InvalidQueuePayload(f"arguments must be JSON-serialisable: {exc}") from None
-        task = Task(self, f"{self._id_prefix}{next(self._ids):010x}")
+        task = Task(self, f"{self._id_prefix}{next(self._ids)}")
         # Nothing outstanding: a lone call (``run(f).result()``), sent from here
         # (Pool(1).run().result() p50 134 -> 110 us here). A call made while
         # others are outstanding is one of many: the sender thread batches them.

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from procqueue.broker import Broker, QueueState
+from procqueue.broker import Broker, QueueState, RecentRuns
 from procqueue.config import TaskQueueConfig
 from procqueue.errors import (
     InvalidQueueTask,
@@ -223,7 +223,7 @@ def test_a_plain_batch_gets_consecutive_ids_in_order(rig: Rig) -> None:
     stored = rig.broker.publish(tasks)
     assert stored == tasks  # taken over, in order
     assert len({t.id for t in stored}) == 5
-    assert [int(t.id.rpartition("-")[2], 16) for t in stored] == [1, 2, 3, 4, 5]
+    assert [int(t.id.rpartition("-")[2]) for t in stored] == [1, 2, 3, 4, 5]
     assert [t.payload for t in rig.state().ready] == [bytes([i]) for i in range(5)]
     assert all(t.status is QueueTaskStatus.PENDING and t.created_at == at(T0) for t in stored)
     assert rig.store.seq == 5
@@ -552,7 +552,7 @@ def test_succeed_all_is_succeed_for_each_run_in_order(rig: Rig) -> None:
     for got, want in ((rig, tasks), (one, alone)):
         assert all(t.status is QueueTaskStatus.SUCCEEDED and t.result is None for t in want)
         assert [got.store.get(t.id) for t in want] == want
-        assert [s for _, s in got.state().runs] == [0.5, 1.5, 2.5]
+        assert list(got.state().recent.durations) == [0.5, 1.5, 2.5]
     stats, expect = rig.broker.stats()["default"], one.broker.stats()["default"]
     for key in ("succeeded", "running", "pending", "published"):
         assert stats[key] == expect[key], key
@@ -593,3 +593,29 @@ def test_memory_store_forgets_a_finished_task_only_if_it_is_still_finished_and_s
     again.status = QueueTaskStatus.SUCCEEDED
     store.put(again)  # pushes the purged task out: the newest finished task stays
     assert store.get("t1") is again
+
+
+def test_recent_runs_count_a_minute_by_the_second() -> None:
+    recent = RecentRuns()
+    recent.add(1000.2, [0.1] * 3)
+    recent.add(1000.9, [0.2] * 2)  # the same second
+    recent.add(1030.0, [0.3] * 7)
+    recent.add(1031.0, [])  # nothing ended: nothing counted
+    assert recent.per_second(1031.0) == pytest.approx(12 / 60)
+    assert recent.per_second(1060.5) == pytest.approx(7 / 60)  # second 1000 has left the minute
+    assert recent.per_second(1091.0) == 0.0
+    recent.add(1100.0, [0.4])
+    assert list(recent._ended) == [[1100, 1]]  # older seconds dropped as time goes on
+    assert list(recent.durations)[-2:] == [0.3, 0.4]
+
+
+def test_throughput_is_not_capped_by_the_run_times_kept(rig: Rig) -> None:
+    """10,000 runs in a second: 166.7 a second over the minute, though only the
+    last 4,096 run times are kept for the percentiles."""
+    tasks = [QueueTask(queue="default", type="echo") for _ in range(10_000)]
+    rig.broker.publish(tasks, force=True)  # past buffer_size
+    assert len(rig.broker.take_many(rig.state(), 10_000)) == 10_000
+    rig.broker.succeed_all([(t, None, 0.001) for t in tasks])
+    stats = rig.broker.stats()["default"]
+    assert stats["throughput_1m"] == pytest.approx(10_000 / 60, abs=0.01)
+    assert len(rig.state().recent.durations) == 4096 and stats["run_p50"] == 0.001
