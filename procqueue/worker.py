@@ -136,7 +136,7 @@ class Worker:
 
     def _on_frame(self, frame: bytes) -> None:
         op = frame[0]
-        if op == wire.OP_TASK:
+        if op in wire.TASK_OPS:
             self.tasks.extend(wire.decode_tasks(frame))
         elif op == wire.OP_STOP:
             raise _Stop()
