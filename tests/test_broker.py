@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from procqueue.broker import Broker, QueueState, RecentRuns
+from procqueue.broker import ID_COUNTER_BASE, Broker, QueueState, RecentRuns
 from procqueue.config import TaskQueueConfig
 from procqueue.errors import (
     InvalidQueueTask,
@@ -219,15 +219,16 @@ def test_a_batch_admitted_at_once_is_admitted_as_task_by_task(
 
 
 def test_a_plain_batch_gets_consecutive_ids_in_order(rig: Rig) -> None:
-    tasks = [QueueTask(queue="default", type="echo", payload=bytes([i])) for i in range(5)]
+    tasks = [QueueTask(queue="default", type="echo", payload=bytes([i])) for i in range(12)]
     stored = rig.broker.publish(tasks)
     assert stored == tasks  # taken over, in order
-    assert len({t.id for t in stored}) == 5
-    assert [int(t.id.rpartition("-")[2]) for t in stored] == [1, 2, 3, 4, 5]
-    assert [t.payload for t in rig.state().ready] == [bytes([i]) for i in range(5)]
+    numbers = [int(t.id.rpartition("-")[2]) - ID_COUNTER_BASE for t in stored]
+    assert numbers == list(range(1, 13))
+    assert sorted(t.id for t in stored) == [t.id for t in stored]  # "-10" after "-9" too
+    assert [t.payload for t in rig.state().ready] == [bytes([i]) for i in range(12)]
     assert all(t.status is QueueTaskStatus.PENDING and t.created_at == at(T0) for t in stored)
-    assert rig.store.seq == 5
-    assert rig.broker.stats()["default"]["published"] == 5
+    assert rig.store.seq == 12
+    assert rig.broker.stats()["default"]["published"] == 12
 
 
 def test_queue_full_counts_delayed_tasks_but_not_running() -> None:
