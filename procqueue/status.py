@@ -54,8 +54,11 @@ def _queue_row(name: str, q: dict[str, Any]) -> list[str]:
 
 
 def _secs(value: float | None) -> str:
+    """A run time for people: µs under a millisecond (a no-op task is not 0.0ms)."""
     if value is None:
         return "-"
+    if value < 1e-3:
+        return f"{value * 1e6:.0f}µs"
     return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
 
 
