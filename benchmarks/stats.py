@@ -108,8 +108,14 @@ def throughput_table(
     return lines + ratio_lines(section["ratios"])
 
 
+def ratio_text(value: float) -> str:
+    """A ratio as printed: three decimals under 1, where targets such as 0.5x
+    and 0.95x sit (0.496x is not "0.50x"), two above."""
+    return f"{value:.3f}x" if value < 1 else f"{value:.2f}x"
+
+
 def ratio_lines(ratios: Mapping[str, float]) -> list[str]:
-    return ["  ratios of medians:", *(f"    {k}: {v:.2f}x" for k, v in ratios.items())]
+    return ["  ratios of medians:", *(f"    {k}: {ratio_text(v)}" for k, v in ratios.items())]
 
 
 def latency_table(title: str, section: Mapping[str, Any]) -> list[str]:
@@ -119,4 +125,4 @@ def latency_table(title: str, section: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"  {name:<{NAME_WIDTH}}{info['p50_us']:>10,.0f}{info['p99_us']:>10,.0f}  {runs}"
         )
-    return lines + [f"  {name}: {value:.2f}x" for name, value in section["ratios"].items()]
+    return lines + [f"  {name}: {ratio_text(value)}" for name, value in section["ratios"].items()]

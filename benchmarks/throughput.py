@@ -98,6 +98,7 @@ from .stats import (
     latency_table,
     median_ratio,
     paired_ratio,
+    ratio_text,
     summary,
     throughput_table,
 )
@@ -444,7 +445,7 @@ def render_noop(section: dict[str, Any], runs: str) -> list[str]:
     return [
         *throughput_table(title, section),
         "  medians of the ratios of the runs of one repetition (neighbours in time):",
-        *(f"    {name}: {value:.2f}x" for name, value in section["paired_ratios"].items()),
+        *(f"    {name}: {ratio_text(value)}" for name, value in section["paired_ratios"].items()),
     ]
 
 
@@ -460,7 +461,7 @@ def render_cpu(section: dict[str, Any], runs: str) -> list[str]:
     return [
         *throughput_table(title, section, ceiling=True),
         "  medians of the ratios of each run to the mean of the ceiling runs before and after it:",
-        *(f"    {name}: {value:.2f}x" for name, value in paired.items()),
+        *(f"    {name}: {ratio_text(value)}" for name, value in paired.items()),
     ]
 
 

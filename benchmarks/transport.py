@@ -33,7 +33,7 @@ from typing import Any
 from procqueue.ring import Channel
 
 from .daemons import CTX
-from .stats import interleaved, median_ratio, summary
+from .stats import interleaved, median_ratio, ratio_text, summary
 
 SMALL, LARGE = 100, 4096
 BATCH = 64
@@ -283,5 +283,5 @@ def transport_table(title: str, section: dict[str, Any]) -> list[str]:
     if section["ring_stalls"]:
         lines.append(f"  WARNING: {section['ring_stalls']} ring wait(s) hit the 1 s timeout")
     lines += ["  ratios of medians:"]
-    lines += [f"    {k}: {v:.2f}x" for k, v in section["ratios"].items()]
+    lines += [f"    {k}: {ratio_text(v)}" for k, v in section["ratios"].items()]
     return lines

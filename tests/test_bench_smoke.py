@@ -237,3 +237,13 @@ def test_paired_ratio_is_the_median_of_the_ratios_within_each_repetition() -> No
     rates = {"a": [300.0, 100.0, 100.0], "b": [100.0, 100.0, 25.0]}
     assert paired_ratio(rates, "a", "b") == 3.0
     assert median_ratio({k: summary(v) for k, v in rates.items()}, "a", "b", "tasks") == 1.0
+
+
+def test_ratios_are_printed_precisely_enough_to_judge_a_target() -> None:
+    """0.496x is under a 0.5x target: it must not print as "0.50x"."""
+    from benchmarks.stats import ratio_lines, ratio_text
+
+    assert ratio_text(0.4958) == "0.496x"
+    assert ratio_text(0.9538) == "0.954x"
+    assert ratio_text(20.534) == "20.53x"
+    assert ratio_lines({"a / b": 0.4958}) == ["  ratios of medians:", "    a / b: 0.496x"]
