@@ -17,7 +17,6 @@ import collections
 import heapq
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +32,11 @@ from .errors import (
     TaskHandlerNotFound,
 )
 from .store import Store
-from .task import QueueTask, QueueTaskStatus, from_stamp, stamp
+from .task import ID_COUNTER_BASE, QueueTask, QueueTaskStatus, from_stamp, new_id_prefix, stamp
 from .wire import CALL_TYPE
 
 Clock = Callable[[], float]
 _PENDING, _RUNNING = QueueTaskStatus.PENDING, QueueTaskStatus.RUNNING
-ID_COUNTER_BASE = 10**12  # task ids end in 13 digits for the first 9 * 10**12 tasks
 log = logging.getLogger("procqueue.broker")
 
 
@@ -128,8 +126,7 @@ class Broker:
         self.clock = clock
         self.on_finish = on_finish or (lambda task: None)
         self._seq = itertools.count()
-        # Task ids: random per supervisor start + a counter; unique without a uuid4 each.
-        self._id_prefix, self._ids = os.urandom(8).hex() + "-", 0
+        self._id_prefix, self._ids = new_id_prefix(), 0  # see task.ID_COUNTER_BASE
 
     # -- publish ---------------------------------------------------------------
     def validate(self, task: QueueTask) -> QueueState:
@@ -214,7 +211,7 @@ class Broker:
         memory without passing ``buffer_size`` (unless forced), so that no
         task needs a decision of its own. The usual bulk publish."""
         state = states[0] if states else None
-        if state is None or state.spilling or states[-1] is not state:
+        if state is None or state.spilling:
             return False
         room = state.config.buffer_size - len(state.ready) - len(state.delayed)
         if not force and len(tasks) > room:
@@ -239,12 +236,10 @@ class Broker:
         return tasks
 
     def _task_ids(self, count: int) -> list[str]:
-        """``count`` new task ids: the random prefix of this supervisor and a
-        counter in decimal, offset by ``ID_COUNTER_BASE`` so that it keeps its
-        width and the ids sort in admission order (the SQLite store's id index
-        then grows at its right edge: 1.38 us an INSERT row against 1.66 with
-        ids that did not sort so). ``{:010x}`` did both but cost 0.19 us an id
-        here, this 0.10."""
+        """``count`` new task ids, sorting in admission order (the SQLite
+        store's id index then grows at its right edge: 1.38 us an INSERT row
+        against 1.66 with ids that did not sort so). Decimal: ``{:010x}``
+        sorted too but cost 0.19 us an id here, this 0.10."""
         first = ID_COUNTER_BASE + self._ids + 1
         self._ids += count
         prefix = self._id_prefix

@@ -16,7 +16,7 @@ from .control import FRAME, encode_frame
 from .cron import CronTask
 from .errors import DaemonUnavailable, ProtocolError, QueueFull, error_from_dict
 from .spinwait import REPLY_SPIN, ReplyPoll
-from .task import QueueTask, QueueTaskStatus, b64_text, from_stamp, trusted_task
+from .task import QueueTask, QueueTaskStatus, b64_text, from_stamp, has_defaults, trusted_task
 
 # Tasks per publish request: ``publish_many`` sends longer lists as pipelined
 # parts of this size, so that the daemon's admission, dispatch and commit of
@@ -285,16 +285,7 @@ def _part_fields(part: list[QueueTask]) -> dict[str, Any]:
 def _shared_queue_type(part: list[QueueTask]) -> tuple[str, str] | None:
     queue, ttype = part[0].queue, part[0].type
     for t in part:
-        if (
-            t.queue != queue
-            or t.type != ttype
-            or t.id
-            or t.key
-            or t.headers
-            or t.delay
-            or t.timeout
-            or t.max_retry
-        ):
+        if t.queue != queue or t.type != ttype or t.id or not has_defaults(t):
             return None
     return queue, ttype
 

@@ -36,7 +36,6 @@ from typing import Any
 
 import orjson
 
-from .broker import ID_COUNTER_BASE
 from .client import Client
 from .config import Config, config_from_dict, load_config
 from .control import FRAME, encode_frame
@@ -50,7 +49,7 @@ from .errors import (
     error_from_dict,
 )
 from .spinwait import REPLY_SPIN, readable_within
-from .task import QueueTask
+from .task import ID_COUNTER_BASE, QueueTask, new_id_prefix
 from .wire import CALL_TYPE
 
 QUEUE = "default"
@@ -157,8 +156,7 @@ class Pool:
         # Task ids: random per pool + a counter; next() on a count is atomic, so
         # threads calling run() at once never share an id (uuid4 would cost a
         # getrandom per call, and that call releases the GIL).
-        self._id_prefix = os.urandom(8).hex() + "-"
-        self._ids = itertools.count(ID_COUNTER_BASE + 1)
+        self._id_prefix, self._ids = new_id_prefix(), itertools.count(ID_COUNTER_BASE + 1)
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._client: Client | None = None
@@ -325,7 +323,7 @@ class Pool:
             payload = orjson.dumps(call)
         except TypeError as exc:
             raise InvalidQueuePayload(f"arguments must be JSON-serialisable: {exc}") from None
-        task = Task(self, f"{self._id_prefix}{next(self._ids)}")  # sorted: see Broker._task_ids
+        task = Task(self, f"{self._id_prefix}{next(self._ids)}")
         # Nothing outstanding: a lone call (``run(f).result()``), sent from here
         # (Pool(1).run().result() p50 134 -> 110 us here). A call made while
         # others are outstanding is one of many: the sender thread batches them.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -218,6 +219,23 @@ def trusted_task(
         result,
     )
     return task
+
+
+def has_defaults(t: QueueTask) -> bool:
+    """Whether a task leaves key, headers, delay, timeout, max_retry and attempt
+    at their defaults: what lets a batch of tasks travel and be stored in a
+    compact form (the client's publish, task frames, SQLite INSERTs)."""
+    return not (t.key or t.headers or t.delay or t.timeout or t.max_retry or t.attempt)
+
+
+# Task ids: a random prefix per supervisor (or Pool) start and a counter, unique
+# without a uuid4 each. The counter is offset by ID_COUNTER_BASE so that it keeps
+# its width (13 digits for 9 * 10**12 tasks) and ids sort in admission order.
+ID_COUNTER_BASE = 10**12
+
+
+def new_id_prefix() -> str:
+    return os.urandom(8).hex() + "-"
 
 
 def payload_tasks(queue: Any, type: Any, payloads: list[Any]) -> list[QueueTask]:

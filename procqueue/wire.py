@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from .task import QueueTask, QueueTaskStatus, from_stamp, stamp, trusted_task
+from .task import QueueTask, QueueTaskStatus, from_stamp, has_defaults, stamp, trusted_task
 
 OP_TASK, OP_REPLY, OP_STOP = b"T"[0], b"R"[0], b"S"[0]
 OP_PLAIN_TASKS = b"t"[0]
@@ -110,12 +110,7 @@ def _all_plain(tasks: list[QueueTask]) -> bool:
             or task.type != ttype
             or task.created_at is not created
             or task.available_at is not available
-            or task.key
-            or task.headers
-            or task.delay
-            or task.timeout
-            or task.max_retry
-            or task.attempt
+            or not has_defaults(task)
         ):
             return False
     return True
@@ -141,8 +136,8 @@ def _encode_plain(tasks: list[QueueTask], limit: float) -> bytes:
 def _decode_plain(frame: bytes) -> list[tuple[QueueTask, float]]:
     (size,) = _META_LEN.unpack_from(frame, 1)
     pos = 5 + size
-    queue, ttype, created, available, limit, ids, sizes = orjson.loads(frame[5:pos])
-    created, available = from_stamp(created), from_stamp(available)
+    queue, ttype, created_ts, available_ts, limit, ids, sizes = orjson.loads(frame[5:pos])
+    created, available = from_stamp(created_ts), from_stamp(available_ts)
     running = QueueTaskStatus.RUNNING
     out = []
     for tid, length in zip(ids, sizes, strict=True):

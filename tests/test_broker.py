@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from procqueue.broker import ID_COUNTER_BASE, Broker, QueueState, RecentRuns
+from procqueue.broker import Broker, QueueState, RecentRuns
 from procqueue.config import TaskQueueConfig
 from procqueue.errors import (
     InvalidQueueTask,
@@ -19,7 +19,7 @@ from procqueue.errors import (
     QueueNotRegistered,
 )
 from procqueue.store.memory import MemoryStore
-from procqueue.task import QueueTask, QueueTaskStatus
+from procqueue.task import ID_COUNTER_BASE, QueueTask, QueueTaskStatus
 
 T0 = 1_700_000_000.0
 HANDLERS = {"echo": "pqhandlers:echo", "work": "pqhandlers:echo"}

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from ..errors import DaemonUnavailable, InternalError
-from ..task import FINISHED, QueueTask, QueueTaskStatus, from_stamp, stamp
+from ..task import FINISHED, QueueTask, QueueTaskStatus, from_stamp, has_defaults, stamp
 from .writer import COLUMNS as _COLUMNS
 from .writer import Batch, Writer
 
@@ -372,9 +372,7 @@ def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
 def _is_plain(t: QueueTask) -> bool:
     """Whether every column outside ``writer.SHARED_COLUMNS`` and
     ``PER_TASK_COLUMNS`` would hold the schema's default."""
-    return not (
-        t.key or t.headers or t.delay or t.timeout or t.max_retry or t.attempt or t.last_error
-    ) and (t.result is None)
+    return has_defaults(t) and not t.last_error and t.result is None
 
 
 def _shared_values(t: QueueTask, now: float) -> tuple[Any, ...]:
