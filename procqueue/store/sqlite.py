@@ -106,14 +106,18 @@ class SqliteStore:
             self.db.execute(pragma)
         _migrate(self.db, path)
         self.seq: int = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()[0]
-        self._new: dict[str, tuple[int, QueueTask]] = {}
+        # Tasks admitted since the last hand-over, by id; and how they came:
+        # one by one as (seq, task), or by ``add_many`` as (first seq, tasks).
+        self._new: dict[str, QueueTask] = {}
+        self._added: list[tuple[int, QueueTask]] = []
+        self._batches: list[tuple[int, list[QueueTask]]] = []
         self._seqs: dict[str, int] = {}  # id -> seq of the unfinished tasks we hold
         self._changed: dict[str, QueueTask] = {}
         self._submitted = 0  # the ticket of the last batch handed to the writer
         # Batches handed to the writer and not yet durable, each with the dict of
         # live tasks it writes (``_new``'s or ``_changed``'s, kept whole: no entry
         # per task to add and remove), so that ``get`` still finds them.
-        self._inflight: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self._inflight: collections.deque[tuple[int, dict[str, QueueTask]]] = collections.deque()
         self.writer = Writer(path, pragmas)
         self.writer.committed_seq = self.seq
 
@@ -134,28 +138,29 @@ class SqliteStore:
         is learnt again when it is paged in, so a backlog costs no memory here.
         """
         self.seq += 1
-        self._new[task.id] = (self.seq, task)
+        self._new[task.id] = task
+        self._added.append((self.seq, task))
         if held:
             self._seqs[task.id] = self.seq
         return self.seq
 
     def add_many(self, tasks: list[QueueTask]) -> None:
-        """``add`` each task, held, in order."""
-        new, seqs = self._new, self._seqs
-        for seq, task in enumerate(tasks, self.seq + 1):
-            new[task.id] = (seq, task)
-            seqs[task.id] = seq
+        """``add`` each task, held, in order: the broker's plain batch (one
+        queue, one created_at, no ids or delays of their own), kept whole so
+        that ``commit`` can write it without looking at each task twice."""
+        first = self.seq + 1
+        self._batches.append((first, tasks))
+        ids = [task.id for task in tasks]
+        self._new.update(zip(ids, tasks, strict=True))
+        self._seqs.update(zip(ids, range(first, first + len(tasks)), strict=True))
         self.seq += len(tasks)
 
     def get(self, task_id: str) -> QueueTask | None:
-        if task_id in self._new:
-            return self._new[task_id][1]
-        if task_id in self._changed:
-            return self._changed[task_id]
-        for _, written in self._inflight:  # the same live task objects, whichever
-            entry = written.get(task_id)
-            if entry is not None:
-                task: QueueTask = entry[1] if entry.__class__ is tuple else entry
+        task = self._new.get(task_id) or self._changed.get(task_id)
+        if task is not None:
+            return task
+        for _, written in self._inflight:  # the same live task objects
+            if (task := written.get(task_id)) is not None:
                 return task
         row = self.db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return _task(row) if row else None
@@ -182,28 +187,23 @@ class SqliteStore:
     def _submit(self) -> None:
         """Turn what piled up into rows and hand them to the writer as a pair."""
         now = time.time()
-        new, changed = self._new, self._changed
-        inserts: list[list[Any]] = []
         plain: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
-        for seq, t in new.values():
-            if _is_plain(t):
-                shared = _shared_values(t, now)
-                rows = plain.get(shared)
-                if rows is None:
-                    rows = plain[shared] = []
-                rows.append((seq, t.id, t.payload))
-            else:
-                inserts.append(_row(seq, t, now))
-        states, by_id = self._sort_changes(now)
+        inserts: list[list[Any]] = []
+        for first, tasks in self._batches:
+            _batch_rows(first, tasks, now, plain, inserts)
+        for seq, task in self._added:
+            _insert_row(seq, task, now, plain, inserts)
+        self._forget_finished(self._new)
+        shared, states, by_id = self._sort_changes(now)
         self._submitted += 2
         inserted, updated = self._submitted - 1, self._submitted
-        self._inflight.append((inserted, new))
-        self._inflight.append((updated, changed))
-        self._new, self._changed = {}, {}
-        max_seq = max((seq for seq, _ in new.values()), default=0)
+        self._inflight.append((inserted, self._new))
+        self._inflight.append((updated, self._changed))
+        max_seq = self.seq if self._new else 0  # every seq given out is in _new
+        self._new, self._changed, self._added, self._batches = {}, {}, [], []
         self.writer.submit(
             Batch(inserted, max_seq, inserts, plain=plain),
-            Batch(updated, 0, states=states, by_id=by_id),
+            Batch(updated, 0, states=states, by_id=by_id, shared=shared),
         )
 
     def durable(self) -> int:
@@ -230,9 +230,20 @@ class SqliteStore:
             self.writer.wait(self._submitted)
         self.durable()
 
-    def _sort_changes(self, now: float) -> tuple[list[Any], list[Any]]:
-        """The updates as state rows of tasks we hold (by seq) and full updates
-        of tasks whose seq we do not know (by id)."""
+    def _forget_finished(self, tasks: dict[str, QueueTask]) -> None:
+        """Stop holding the seqs of new tasks that finished before their INSERT
+        (they never pass through ``_sort_changes``, which forgets the others)."""
+        seqs = self._seqs
+        for task_id, task in tasks.items():
+            if task.status in FINISHED:
+                seqs.pop(task_id, None)
+
+    def _sort_changes(self, now: float) -> tuple[list[Any], list[Any], list[Any]]:
+        """The updates: tasks we hold that reached a plain state (no attempt,
+        error or result), grouped by it as (state, seqs); the other tasks we
+        hold as state rows (by seq); and full updates of tasks whose seq we do
+        not know (by id)."""
+        groups: dict[tuple[Any, Any], list[int]] = {}
         states: list[Any] = []
         by_id: list[Any] = []
         seqs = self._seqs
@@ -241,10 +252,20 @@ class SqliteStore:
             if seq is None:
                 by_id.append((*_state(task, now), task.id))
                 continue
-            if task.status in FINISHED:
+            status = task.status
+            if status in FINISHED:
                 del seqs[task.id]  # we no longer hold it
-            states.append((seq, *_state(task, now)))
-        return states, by_id
+            if task.attempt or task.last_error or task.result is not None:
+                states.append((seq, *_state(task, now)))
+            elif (group := groups.get((status, task.available_at))) is not None:
+                group.append(seq)
+            else:
+                groups[status, task.available_at] = [seq]
+        shared = [
+            ((0, _STATUS_TEXT[status], "", stamp(available), None, _finished(status, now)), seqs)
+            for (status, available), seqs in groups.items()
+        ]
+        return shared, states, by_id
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -367,6 +388,63 @@ def _row(seq: int, t: QueueTask, now: float) -> list[Any]:
         result,
         finished,
     ]
+
+
+def _batch_rows(
+    first: int,
+    tasks: list[QueueTask],
+    now: float,
+    plain: dict[tuple[Any, ...], list[tuple[Any, ...]]],
+    inserts: list[list[Any]],
+) -> None:
+    """Add the rows of one ``add_many`` batch (seqs from ``first``) to
+    ``plain`` and ``inserts``: its tasks share queue and created_at, so a
+    task still plain needs only its type and status looked at."""
+    queue, created = tasks[0].queue, tasks[0].created_at
+    kinds: dict[tuple[str, Any], list[tuple[Any, ...]]] = {}
+    for seq, t in enumerate(tasks, first):
+        if (
+            t.key
+            or t.headers
+            or t.timeout
+            or t.max_retry
+            or t.attempt
+            or t.last_error
+            or t.result is not None
+            or t.available_at is not created
+        ):
+            _insert_row(seq, t, now, plain, inserts)
+        elif (rows := kinds.get((t.type, t.status))) is not None:
+            rows.append((seq, t.id, t.payload))
+        else:
+            kinds[t.type, t.status] = [(seq, t.id, t.payload)]
+    at = stamp(created)
+    for (ttype, status), rows in kinds.items():
+        shared = (queue, ttype, _STATUS_TEXT[status], at, at, _finished(status, now))
+        plain.setdefault(shared, []).extend(rows)
+
+
+def _insert_row(
+    seq: int,
+    t: QueueTask,
+    now: float,
+    plain: dict[tuple[Any, ...], list[tuple[Any, ...]]],
+    inserts: list[list[Any]],
+) -> None:
+    """Add a task's INSERT row: to ``plain`` (by its shared values) when it is
+    plain, else to ``inserts``."""
+    if _is_plain(t):
+        shared = _shared_values(t, now)
+        rows = plain.get(shared)
+        if rows is None:
+            rows = plain[shared] = []
+        rows.append((seq, t.id, t.payload))
+    else:
+        inserts.append(_row(seq, t, now))
+
+
+def _finished(status: Any, now: float) -> float | None:
+    return now if status in FINISHED else None
 
 
 def _is_plain(t: QueueTask) -> bool:

@@ -137,14 +137,14 @@ class Batch:
     by_id: list[tuple[Any, ...]] = field(default_factory=list)  # known by id only (rare)
     # New plain tasks: SHARED_COLUMNS values -> each task's PER_TASK_COLUMNS.
     plain: dict[tuple[Any, ...], list[tuple[Any, ...]]] = field(default_factory=dict)
+    # Tasks known by seq that reached one state together: (state, seqs), the
+    # state as a state row without its seq.
+    shared: list[tuple[tuple[Any, ...], list[int]]] = field(default_factory=list)
 
 
 def statements(batch: Batch) -> list[tuple[str, list[Any]]]:
     """The statements that write ``batch``, with the rows each runs over."""
-    unfinished = [s for s in batch.states if s[6] is None]
-    finished = [s for s in batch.states if s[6] is not None]
-    unfinished_one, unfinished_many = _by_state(unfinished, 5)
-    finished_one, finished_many = _by_state(finished, 7)
+    unfinished_one, unfinished_many, finished_one, finished_many = _updates(batch)
     pairs: list[tuple[str, list[Any]]] = [
         (INSERT_SQL, batch.inserts),
         *_shared_inserts(batch.plain),
@@ -171,21 +171,25 @@ def _shared_inserts(
     return [(_SHARED_SQL[size], params) for size, params in by_size.items()]
 
 
-def _by_state(states: list[tuple[Any, ...]], end: int) -> tuple[list[Any], list[Any]]:
-    """State rows grouped by ``state[1:end]``, the columns written: the update
-    rows of tasks alone in their state (values, seq) and of shared states
-    (values, JSON array of seqs)."""
+def _updates(batch: Batch) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """The UPDATE rows of ``batch``'s tasks known by seq, grouped by the state
+    they reach: of unfinished tasks alone in their state (values, seq) and
+    sharing it (values, JSON array of seqs), then the same of finished ones.
+    An unfinished task's result and finished_at stay NULL: not written."""
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for state in states:
-        groups.setdefault(state[1:end], []).append(state[0])
-    alone: list[Any] = []
-    shared: list[Any] = []
+    for values, seqs in batch.shared:
+        groups.setdefault(values, []).extend(seqs)
+    for state in batch.states:
+        groups.setdefault(state[1:], []).append(state[0])
+    rows: tuple[list[Any], list[Any], list[Any], list[Any]] = ([], [], [], [])
     for values, seqs in groups.items():
+        finished = values[5] is not None
+        written = values if finished else values[:4]
         if len(seqs) == 1:
-            alone.append((*values, seqs[0]))
+            rows[2 * finished].append((*written, seqs[0]))
         else:
-            shared.append((*values, orjson.dumps(seqs).decode()))
-    return alone, shared
+            rows[2 * finished + 1].append((*written, orjson.dumps(seqs).decode()))
+    return rows
 
 
 class Writer:
