@@ -110,3 +110,7 @@ def hog(ctx: Context, task: QueueTask) -> int:
 
 def now(ctx: Context, task: QueueTask) -> float:
     return time.time()
+
+
+def noop(ctx: Context, task: QueueTask) -> None:
+    """Does nothing: for tests that push many tasks through."""
