@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from .errors import DaemonUnavailable, ProcQueueError, ProtocolError
+from .spinwait import CpuNudge
 
 log = logging.getLogger("procqueue.control")
 
@@ -196,6 +197,7 @@ class Conn:
                 self.sent_at = time.perf_counter()
                 if self.quick:
                     self.server.spin_until = self.sent_at + NEXT_REQUEST_SPIN
+                    self.server.nudge.after_reply(self.sock)
         except BlockingIOError:
             pass
         except OSError:
@@ -228,6 +230,7 @@ class ControlServer:
         self.conns: set[Conn] = set()
         self.corked: set[Conn] = set()  # pushed events not yet written
         self.spin_until = 0.0  # perf_counter(): poll, don't sleep, until then
+        self.nudge = CpuNudge()  # off the CPU of a client in a request/reply loop
         self.listener = _listen(path, mode)
         selector.register(self.listener, selectors.EVENT_READ, self._accept)
 

@@ -142,3 +142,70 @@ def test_reply_poll_never_polls_without_a_budget_or_for_long_waits():
     assert poll.mean == [WAIT_CAP, WAIT_CAP]  # both capped: no gain from polling
     assert _chosen(tickets[-100:]) == {False}  # only the tries poll
     assert sum(t.poll for t in tickets[-100:]) == 25
+
+
+# -- CpuNudge: off the CPU of the client being served ----------------------------
+
+
+def _current_cpu() -> int:
+    from procqueue import spinwait
+
+    assert spinwait._sched_getcpu is not None
+    return spinwait._sched_getcpu()
+
+
+def test_peer_cpu_reads_where_the_other_end_last_ran(pair):
+    from procqueue.spinwait import peer_cpu
+
+    a, _ = pair  # both ends are this process: its main thread is running now
+    # (a migration between the two reads could tell them apart: try a few times)
+    assert any(peer_cpu(a) == _current_cpu() for _ in range(10))
+    a.close()
+    assert peer_cpu(a) is None  # no peer to ask: no answer, no error
+
+
+def test_moving_off_a_cpu_runs_elsewhere_and_keeps_every_cpu_allowed():
+    import os
+
+    from procqueue.spinwait import CpuNudge
+
+    allowed = os.sched_getaffinity(0)
+    nudge = CpuNudge()
+    if len(allowed) < 2:  # nowhere to go: it never tries
+        assert not nudge.enabled
+        nudge.move_off(_current_cpu())
+        assert nudge.moves == 0 and os.sched_getaffinity(0) == allowed
+        return
+    assert nudge.enabled
+    for _ in range(3):
+        cpu = _current_cpu()
+        nudge.move_off(cpu)
+        assert _current_cpu() != cpu
+        assert os.sched_getaffinity(0) == allowed  # moved, not pinned
+    assert nudge.moves == 3
+
+
+def test_a_client_on_our_cpu_is_looked_at_once_per_interval(pair, monkeypatch):
+    from procqueue import spinwait
+
+    clock = [100.0]
+    nudge = spinwait.CpuNudge(every=0.005, clock=lambda: clock[0])
+    nudge.enabled = True
+    looked: list[socket.socket] = []
+    moved: list[int] = []
+    monkeypatch.setattr(spinwait, "peer_cpu", lambda s: looked.append(s) or _current_cpu())
+    monkeypatch.setattr(nudge, "move_off", moved.append)
+    a, _ = pair
+    nudge.after_reply(a)
+    assert looked == [a] and moved == [_current_cpu()]
+    clock[0] += 0.004
+    nudge.after_reply(a)  # too soon: not even a look
+    assert len(looked) == 1
+    clock[0] += 0.002
+    monkeypatch.setattr(spinwait, "peer_cpu", lambda s: looked.append(s) or -1)
+    nudge.after_reply(a)  # looked again; the client is elsewhere: stay
+    assert len(looked) == 2 and len(moved) == 1
+    nudge.enabled = False
+    clock[0] += 1
+    nudge.after_reply(a)
+    assert len(looked) == 2
