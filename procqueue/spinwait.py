@@ -160,7 +160,11 @@ class CpuNudge:
 
     def __init__(self, every: float = NUDGE_EVERY, clock: Callable[[], float] = time.perf_counter):
         self.every, self._clock = every, clock
-        self.enabled = _sched_getcpu is not None and len(os.sched_getaffinity(0)) > 1
+        self.enabled = (
+            _sched_getcpu is not None
+            and hasattr(os, "sched_getaffinity")
+            and len(os.sched_getaffinity(0)) > 1
+        )
         self._next = 0.0
         self.moves = 0  # how many times it moved (for tests and curious operators)
 
