@@ -185,7 +185,7 @@ def test_moving_off_a_cpu_runs_elsewhere_and_keeps_every_cpu_allowed():
     assert nudge.moves == 3
 
 
-def test_a_client_on_our_cpu_is_looked_at_once_per_interval(pair, monkeypatch):
+def test_a_lone_quick_client_on_our_cpu_is_looked_at_once_per_interval(monkeypatch):
     from procqueue import spinwait
 
     clock = [100.0]
@@ -193,19 +193,39 @@ def test_a_client_on_our_cpu_is_looked_at_once_per_interval(pair, monkeypatch):
     nudge.enabled = True
     looked: list[socket.socket] = []
     moved: list[int] = []
-    monkeypatch.setattr(spinwait, "peer_cpu", lambda s: looked.append(s) or _current_cpu())
+    where = [_current_cpu()]
+    monkeypatch.setattr(spinwait, "peer_cpu", lambda s: looked.append(s) or where[0])
     monkeypatch.setattr(nudge, "move_off", moved.append)
-    a, _ = pair
-    nudge.after_reply(a)
-    assert looked == [a] and moved == [_current_cpu()]
-    clock[0] += 0.004
-    nudge.after_reply(a)  # too soon: not even a look
-    assert len(looked) == 1
-    clock[0] += 0.002
-    monkeypatch.setattr(spinwait, "peer_cpu", lambda s: looked.append(s) or -1)
-    nudge.after_reply(a)  # looked again; the client is elsewhere: stay
-    assert len(looked) == 2 and len(moved) == 1
-    nudge.enabled = False
-    clock[0] += 1
-    nudge.after_reply(a)
-    assert len(looked) == 2
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        nudge.after_reply(a)  # a new client: alone for two intervals first
+        clock[0] += 0.009
+        nudge.after_reply(a)
+        assert looked == []
+        clock[0] += 0.002
+        nudge.after_reply(a)  # alone long enough, and on our CPU: move
+        assert looked == [a] and moved == [_current_cpu()]
+        clock[0] += 0.004
+        nudge.after_reply(a)  # too soon: not even a look
+        assert len(looked) == 1
+        clock[0] += 0.002
+        where[0] = -1
+        nudge.after_reply(a)  # looked again; the client is elsewhere: stay
+        assert len(looked) == 2 and len(moved) == 1
+        where[0] = _current_cpu()
+        for _ in range(10):  # two quick clients take turns: never a look
+            clock[0] += 0.003
+            nudge.after_reply(c if len(looked) % 2 else a)
+            nudge.after_reply(a if len(looked) % 2 else c)
+        assert len(looked) == 2
+        clock[0] += 0.011
+        nudge.after_reply(c)  # the other one went quiet: c is alone now
+        assert looked[-1] is c and len(moved) == 2
+        nudge.enabled = False
+        clock[0] += 1
+        nudge.after_reply(c)
+        assert len(looked) == 3
+    finally:
+        for sock in (a, b, c, d):
+            sock.close()
