@@ -148,8 +148,16 @@ def select_until(selector: selectors.BaseSelector, end: float) -> list[tuple[Any
 # at once allows them all again: it is never pinned). It then meets the
 # client's next request while polling for it, so no wake-up brings it back.
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_sched_getcpu: Callable[[], int] | None = getattr(_libc, "sched_getcpu", None)
+
+def _load_sched_getcpu() -> Callable[[], int] | None:
+    """libc's ``sched_getcpu`` (the os module has no binding for it), if any."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+
+
+_sched_getcpu = _load_sched_getcpu()
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 NUDGE_EVERY = 5e-3  # seconds between looks at a client's CPU (one /proc read each)
 
