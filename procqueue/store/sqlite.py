@@ -406,6 +406,7 @@ def _batch_rows(
         if (
             t.key
             or t.headers
+            or t.delay
             or t.timeout
             or t.max_retry
             or t.attempt
