@@ -182,7 +182,7 @@ class CpuNudge:
         self._next = 0.0
         self._last: socket.socket | None = None  # the quick client answered last
         self._others_until = 0.0  # until then, another quick client is about
-        self.moves = 0  # how many times it moved (for tests and curious operators)
+        self.moves = 0  # how many times it moved (the tests read it)
 
     def after_reply(self, sock: socket.socket) -> None:
         """``sock``'s client was just answered and will ask again soon."""
