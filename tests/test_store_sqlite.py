@@ -215,7 +215,7 @@ def test_changes_pile_up_while_a_pair_is_in_flight(tmp_path):
         store.close()
 
 
-def test_writer_statements_group_tasks_by_the_state_they_reach():
+def test_writer_statements_write_each_state_once_for_the_tasks_reaching_it():
     from procqueue.store.writer import (
         INSERT_SQL,
         UPDATE_BY_ID_SQL,
@@ -240,8 +240,8 @@ def test_writer_statements_group_tasks_by_the_state_they_reach():
         (INSERT_SQL, [row]),
         (shared_insert_sql(2), [(*shared, 2, "t2", None, 3, "t3", b"x")]),
     ]
-    states = [(7, *done), (8, *running), (9, *done), (10, *answered), (11, *running), (12, *done)]
-    written = dict(statements(Batch(2, 0, states=states, by_id=by_id)))
+    updates = [(done, [7, 9, 12]), (running, [8, 11]), (answered, [10])]  # as the loop groups
+    written = dict(statements(Batch(2, 0, updates=updates, by_id=by_id)))
     assert written[UPDATE_SEQS_SQL] == [(0, "succeeded", "", 1.0, None, 9.0, "[7,9,12]")]
     assert written[UPDATE_BY_SEQ_SQL] == [(0, "succeeded", "", 1.0, '{"ok":1}', 9.0, 10)]
     assert written[UPDATE_UNFINISHED_SEQS_SQL] == [(0, "running", "", 1.0, "[8,11]")]

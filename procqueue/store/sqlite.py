@@ -194,7 +194,7 @@ class SqliteStore:
         for seq, task in self._added:
             _insert_row(seq, task, now, plain, inserts)
         self._forget_finished(self._new)
-        shared, states, by_id = self._sort_changes(now)
+        updates, by_id = self._sort_changes(now)
         self._submitted += 2
         inserted, updated = self._submitted - 1, self._submitted
         self._inflight.append((inserted, self._new))
@@ -203,7 +203,7 @@ class SqliteStore:
         self._new, self._changed, self._added, self._batches = {}, {}, [], []
         self.writer.submit(
             Batch(inserted, max_seq, inserts, plain=plain),
-            Batch(updated, 0, states=states, by_id=by_id, shared=shared),
+            Batch(updated, 0, updates=updates, by_id=by_id),
         )
 
     def durable(self) -> int:
@@ -238,13 +238,13 @@ class SqliteStore:
             if task.status in FINISHED:
                 seqs.pop(task_id, None)
 
-    def _sort_changes(self, now: float) -> tuple[list[Any], list[Any], list[Any]]:
-        """The updates: tasks we hold that reached a plain state (no attempt,
-        error or result), grouped by it as (state, seqs); the other tasks we
-        hold as state rows (by seq); and full updates of tasks whose seq we do
-        not know (by id)."""
-        groups: dict[tuple[Any, Any], list[int]] = {}
-        states: list[Any] = []
+    def _sort_changes(self, now: float) -> tuple[list[Any], list[Any]]:
+        """The updates: of the tasks we hold, grouped by the state they reach as
+        (state row without its seq, seqs); and full updates of the tasks whose
+        seq we do not know (by id). A plain state (no attempt, error or result)
+        is keyed by (status, available_at), its row built once per group."""
+        plain: dict[tuple[Any, Any], list[int]] = {}
+        other: dict[tuple[Any, ...], list[int]] = {}
         by_id: list[Any] = []
         seqs = self._seqs
         for task in self._changed.values():
@@ -256,16 +256,16 @@ class SqliteStore:
             if status in FINISHED:
                 del seqs[task.id]  # we no longer hold it
             if task.attempt or task.last_error or task.result is not None:
-                states.append((seq, *_state(task, now)))
-            elif (group := groups.get((status, task.available_at))) is not None:
+                other.setdefault(_state(task, now), []).append(seq)
+            elif (group := plain.get((status, task.available_at))) is not None:
                 group.append(seq)
             else:
-                groups[status, task.available_at] = [seq]
-        shared = [
-            ((0, _STATUS_TEXT[status], "", stamp(available), None, _finished(status, now)), seqs)
-            for (status, available), seqs in groups.items()
+                plain[status, task.available_at] = [seq]
+        updates = [
+            ((0, _STATUS_TEXT[status], "", stamp(available), None, _finished(status, now)), group)
+            for (status, available), group in plain.items()
         ]
-        return shared, states, by_id
+        return updates + list(other.items()), by_id
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -403,17 +403,7 @@ def _batch_rows(
     queue, created = tasks[0].queue, tasks[0].created_at
     kinds: dict[tuple[str, Any], list[tuple[Any, ...]]] = {}
     for seq, t in enumerate(tasks, first):
-        if (
-            t.key
-            or t.headers
-            or t.delay
-            or t.timeout
-            or t.max_retry
-            or t.attempt
-            or t.last_error
-            or t.result is not None
-            or t.available_at is not created
-        ):
+        if t.available_at is not created or not _is_plain(t):
             _insert_row(seq, t, now, plain, inserts)
         elif (rows := kinds.get((t.type, t.status))) is not None:
             rows.append((seq, t.id, t.payload))

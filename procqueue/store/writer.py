@@ -127,19 +127,17 @@ UPDATE_UNFINISHED_SEQS_SQL = UPDATE_UNFINISHED_SQL.replace("WHERE seq = ?", _SEQ
 @dataclass(frozen=True, slots=True)
 class Batch:
     """One transaction's writes. A state row is the part of a task that
-    changes after its INSERT: (seq, attempt, status, last_error,
-    available_at, result, finished_at)."""
+    changes after its INSERT: (attempt, status, last_error, available_at,
+    result, finished_at)."""
 
     ticket: int
     max_seq: int  # the highest admission seq inserted by this batch (0: none)
     inserts: list[list[Any]] = field(default_factory=list)  # full rows of new tasks
-    states: list[tuple[Any, ...]] = field(default_factory=list)  # tasks known by seq
+    # Tasks known by seq, grouped by the state they reach: (state row, seqs).
+    updates: list[tuple[tuple[Any, ...], list[int]]] = field(default_factory=list)
     by_id: list[tuple[Any, ...]] = field(default_factory=list)  # known by id only (rare)
     # New plain tasks: SHARED_COLUMNS values -> each task's PER_TASK_COLUMNS.
     plain: dict[tuple[Any, ...], list[tuple[Any, ...]]] = field(default_factory=dict)
-    # Tasks known by seq that reached one state together: (state, seqs), the
-    # state as a state row without its seq.
-    shared: list[tuple[tuple[Any, ...], list[int]]] = field(default_factory=list)
 
 
 def statements(batch: Batch) -> list[tuple[str, list[Any]]]:
@@ -172,24 +170,23 @@ def _shared_inserts(
 
 
 def _updates(batch: Batch) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-    """The UPDATE rows of ``batch``'s tasks known by seq, grouped by the state
-    they reach: of unfinished tasks alone in their state (values, seq) and
-    sharing it (values, JSON array of seqs), then the same of finished ones.
-    An unfinished task's result and finished_at stay NULL: not written."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for values, seqs in batch.shared:
-        groups.setdefault(values, []).extend(seqs)
-    for state in batch.states:
-        groups.setdefault(state[1:], []).append(state[0])
-    rows: tuple[list[Any], list[Any], list[Any], list[Any]] = ([], [], [], [])
-    for values, seqs in groups.items():
+    """The UPDATE rows of ``batch``'s tasks known by seq: of unfinished tasks
+    alone in their state (values, seq) and sharing it (values, JSON array of
+    seqs), then the same of finished ones. An unfinished task's result and
+    finished_at stay NULL: not written."""
+    unfinished_one: list[Any] = []
+    unfinished_many: list[Any] = []
+    finished_one: list[Any] = []
+    finished_many: list[Any] = []
+    for values, seqs in batch.updates:
         finished = values[5] is not None
         written = values if finished else values[:4]
         if len(seqs) == 1:
-            rows[2 * finished].append((*written, seqs[0]))
+            (finished_one if finished else unfinished_one).append((*written, seqs[0]))
         else:
-            rows[2 * finished + 1].append((*written, orjson.dumps(seqs).decode()))
-    return rows
+            many = finished_many if finished else unfinished_many
+            many.append((*written, orjson.dumps(seqs).decode()))
+    return unfinished_one, unfinished_many, finished_one, finished_many
 
 
 class Writer:
