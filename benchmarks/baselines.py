@@ -11,9 +11,10 @@ import contextlib
 import itertools
 import os
 import signal
+import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import handlers
 from .daemons import CTX, RUN_TIMEOUT
@@ -24,17 +25,37 @@ def _warm_ppe(pool: cf.ProcessPoolExecutor, workers: int) -> None:
         future.result()
 
 
-def ppe_throughput(fn: Callable[[Any], None], arg: Any, n: int, workers: int) -> float:
+class CpuRun(NamedTuple):
+    """One run of the CPU section: its seconds, and the tasks' own times summed
+    (``handlers.timed_spin``: wall and CPU seconds inside the task)."""
+
+    seconds: float
+    task_wall: float
+    task_cpu: float
+    tasks: int
+
+    @classmethod
+    def of(cls, seconds: float, times: list[Any]) -> CpuRun:
+        """From each task's (wall, cpu) result."""
+        return cls(seconds, sum(t[0] for t in times), sum(t[1] for t in times), len(times))
+
+
+def ppe_throughput(fn: Callable[[Any], Any], arg: Any, n: int, workers: int) -> float:
     """Seconds to submit n calls to a warm ProcessPoolExecutor and wait for all."""
+    return ppe_results(fn, arg, n, workers)[0]
+
+
+def ppe_results(
+    fn: Callable[[Any], Any], arg: Any, n: int, workers: int
+) -> tuple[float, list[Any]]:
+    """``ppe_throughput``, with the calls' results (collected after the timing)."""
     with cf.ProcessPoolExecutor(workers, mp_context=CTX) as pool:
         _warm_ppe(pool, workers)
         start = time.perf_counter()
         futures = [pool.submit(fn, arg) for _ in range(n)]
         cf.wait(futures)
         elapsed = time.perf_counter() - start
-        for future in futures:
-            future.result()
-    return elapsed
+        return elapsed, [future.result() for future in futures]
 
 
 def ppe_map(n: int, workers: int, chunksize: int) -> float:
@@ -74,8 +95,9 @@ def mp_apply_async(n: int, workers: int) -> float:
         return time.perf_counter() - start
 
 
-def fork_ceiling(n: int, iterations: int, workers: int, waker: float = 0.0) -> float:
-    """Seconds for ``workers`` forked processes to run n tasks between them, no transport.
+def fork_ceiling(n: int, iterations: int, workers: int, waker: float = 0.0) -> CpuRun:
+    """``workers`` forked processes run n tasks between them, no transport: the
+    seconds it took, and the tasks' own times each child sums up.
 
     ``waker`` > 0: a third process wakes every ``waker`` seconds meanwhile and
     does nothing else, as a pool's dispatcher wakes once per task: what the
@@ -113,10 +135,16 @@ def _waking(period: float) -> Iterator[None]:
         os.waitpid(pid, 0)
 
 
-def _timed_children(n: int, iterations: int, workers: int) -> float:
+# What a ceiling child reports when it is done: its tasks' summed wall and CPU
+# seconds and their number (one pipe write of 24 bytes: atomic, under PIPE_BUF).
+_SUMS = struct.Struct("ddq")
+
+
+def _timed_children(n: int, iterations: int, workers: int) -> CpuRun:
     """The ceiling run itself (see ``fork_ceiling``)."""
     tokens_r, tokens_w = os.pipe()
     go_r, go_w = os.pipe()
+    sums_r, sums_w = os.pipe()
     pids = []
     try:
         for _ in range(workers):
@@ -127,8 +155,12 @@ def _timed_children(n: int, iterations: int, workers: int) -> float:
                     os.close(go_w)
                     os.close(tokens_w)
                     if os.read(go_r, 1):
+                        wall = cpu = 0.0
+                        count = 0
                         while os.read(tokens_r, 1):  # EOF once every task is taken
-                            handlers.cpu_plain(iterations)
+                            took = handlers.cpu_plain(iterations)
+                            wall, cpu, count = wall + took[0], cpu + took[1], count + 1
+                        os.write(sums_w, _SUMS.pack(wall, cpu, count))
                         code = 0
                 finally:
                     os._exit(code)
@@ -141,14 +173,28 @@ def _timed_children(n: int, iterations: int, workers: int) -> float:
             tokens_w = -1  # closed by the with: the children then read EOF when done
             tokens.write(b"t" * n)  # blocks only while the children still have a full pipe
     finally:
-        for fd in (tokens_r, tokens_w, go_r, go_w):
+        for fd in (tokens_r, tokens_w, go_r, go_w, sums_w):
             if fd >= 0:
                 os.close(fd)  # a child still waiting (fork failed midway) reads EOF and exits
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"bare fork child exited {os.waitstatus_to_exitcode(status)}")
-    return time.perf_counter() - start
+    try:
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"bare fork child exited {os.waitstatus_to_exitcode(status)}")
+        elapsed = time.perf_counter() - start
+        return _summed(elapsed, os.read(sums_r, _SUMS.size * workers), workers)
+    finally:
+        os.close(sums_r)
+
+
+def _summed(elapsed: float, data: bytes, workers: int) -> CpuRun:
+    """The children's reports (one ``_SUMS`` each) added up."""
+    if len(data) != _SUMS.size * workers:
+        raise RuntimeError(
+            f"bare fork children reported {len(data)} bytes, not {_SUMS.size * workers}"
+        )
+    walls, cpus, counts = zip(*_SUMS.iter_unpack(data), strict=True)
+    return CpuRun(elapsed, sum(walls), sum(cpus), sum(counts))
 
 
 def ppe_latency(samples: int, warmup: int = 20) -> list[float]:

@@ -27,6 +27,19 @@ def spin(iterations: int) -> int:
     return x
 
 
+def timed_spin(iterations: int) -> tuple[float, float]:
+    """``spin``, timed from inside: (wall seconds, this thread's CPU seconds).
+
+    What lets the CPU section tell the pool's overhead (time the workers spent
+    outside the task) from the task itself running slower in one process than
+    in another (the same loop's speed varies by a few percent with where its
+    frame lands in memory: measured by calling it at different stack depths).
+    """
+    wall, cpu = time.perf_counter(), time.thread_time()
+    spin(iterations)
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
 def busy_for(seconds: float) -> None:
     """Burn CPU until ``seconds`` of wall time have passed (when not calibrated)."""
     end = time.perf_counter() + seconds
@@ -38,12 +51,13 @@ def noop(ctx: Context, task: QueueTask) -> None:
     """procqueue handler that does nothing."""
 
 
-def cpu10ms(ctx: Context, task: QueueTask) -> None:
-    """procqueue handler: ``spin(int(payload))``, or a 10 ms busy wait without payload."""
+def cpu10ms(ctx: Context, task: QueueTask) -> list[float] | None:
+    """procqueue handler: ``timed_spin(int(payload))``, its times as the result;
+    or a 10 ms busy wait without payload."""
     if task.payload:
-        spin(int(task.payload))
-    else:
-        busy_for(CPU_SECONDS)
+        return list(timed_spin(int(task.payload)))
+    busy_for(CPU_SECONDS)
+    return None
 
 
 def stamp(ctx: Context, task: QueueTask) -> float:
@@ -66,6 +80,6 @@ def noop_plain(arg: Any = None) -> None:
     """The no-op for ProcessPoolExecutor, multiprocessing.Pool and procqueue.Pool."""
 
 
-def cpu_plain(iterations: int) -> None:
+def cpu_plain(iterations: int) -> tuple[float, float]:
     """The CPU-bound task for ProcessPoolExecutor and the bare-fork ceiling."""
-    spin(iterations)
+    return timed_spin(iterations)

@@ -32,7 +32,10 @@ repetition's own ratio, which a drift of the machine's speed disturbs less:
    the same ceiling beside a third process that does nothing but wake up
    once per task (at the ideal rate), as a pool's dispatcher does. This
    section runs ``--cpu-repeat`` times (default 15), not ``--repeat``: its
-   target is a 5% effect, and single runs here swing by 20%.
+   target is a 5% effect, and single runs here swing by 20%. Every task
+   times itself (``handlers.timed_spin``), so each system also reports the
+   share of its workers' time spent inside tasks (what the pool costs) and
+   a task's CPU time (how fast the same loop ran in its processes).
 3. ``latency`` with one idle worker: daemon publish + ``Client.wait`` (two
    requests), ``Client.run`` (publish and wait in one request),
    ``procqueue.Pool(1).run(noop).result()`` and
@@ -146,8 +149,15 @@ def queue_counts(client: Client) -> tuple[int, int]:
     return int(info["succeeded"]), int(info["failed"])
 
 
-def pq_throughput(socket_path: Path, task_type: str, n: int, payload: bytes | None) -> float:
-    """Seconds from the first publish until ``status()`` counts all n tasks succeeded."""
+def pq_throughput(
+    socket_path: Path,
+    task_type: str,
+    n: int,
+    payload: bytes | None,
+    ids: list[str] | None = None,
+) -> float:
+    """Seconds from the first publish until ``status()`` counts all n tasks
+    succeeded; the tasks' ids go to ``ids`` when given."""
     with Client(socket_path, timeout=60) as client:
         base_ok, base_failed = queue_counts(client)
         start = time.perf_counter()
@@ -155,7 +165,10 @@ def pq_throughput(socket_path: Path, task_type: str, n: int, payload: bytes | No
         for first in range(0, n, BATCH):
             size = min(BATCH, n - first)
             batch = [QueueTask(queue=QUEUE, type=task_type, payload=payload) for _ in range(size)]
-            last_id = client.publish_many(batch)[-1].id
+            stored = client.publish_many(batch)
+            last_id = stored[-1].id
+            if ids is not None:
+                ids += [task.id for task in stored]
         client.wait(last_id, timeout=RUN_TIMEOUT)
         deadline = time.monotonic() + RUN_TIMEOUT
         while True:
@@ -167,6 +180,15 @@ def pq_throughput(socket_path: Path, task_type: str, n: int, payload: bytes | No
             if time.monotonic() > deadline:
                 raise RuntimeError(f"procqueue: only {ok - base_ok}/{n} tasks succeeded")
             time.sleep(0.002)
+
+
+def pq_cpu_run(socket_path: Path, n: int, payload: bytes) -> baselines.CpuRun:
+    """``pq_throughput`` of n ``cpu10ms`` tasks, with the times each task
+    reported as its result (fetched after the timing)."""
+    ids: list[str] = []
+    seconds = pq_throughput(socket_path, "cpu10ms", n, payload, ids)
+    with Client(socket_path, timeout=60) as client:
+        return baselines.CpuRun.of(seconds, [client.get_task(i).result for i in ids])
 
 
 def pq_latency(
@@ -306,24 +328,27 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
     iterations, seconds = calibrate()
     payload = str(iterations).encode()
     with contextlib.ExitStack() as stack:
-        systems: dict[str, Callable[[], float]] = {}
+        systems: dict[str, Callable[[], baselines.CpuRun]] = {}
         for label, prefetch in CPU_PQ.items():
             spec = DaemonSpec(f"cpu-p{prefetch}", prefetch=prefetch)
             path = stack.enter_context(daemon(workdir, spec))
             pq_throughput(path, "cpu10ms", min(n, 10), payload)  # warm-up
-            systems[label] = functools.partial(pq_throughput, path, "cpu10ms", n, payload)
-        systems[CPU_PPE] = lambda: baselines.ppe_throughput(
-            handlers.cpu_plain, iterations, n, WORKERS
+            systems[label] = functools.partial(pq_cpu_run, path, n, payload)
+        systems[CPU_PPE] = lambda: baselines.CpuRun.of(
+            *baselines.ppe_results(handlers.cpu_plain, iterations, n, WORKERS)
         )
         # The ceiling beside a process that only wakes up, once per task at the
         # ideal rate, as every pool's dispatcher does: what wake-ups cost here.
         systems[CEILING_WAKING] = functools.partial(
             baselines.fork_ceiling, n, iterations, WORKERS, seconds / WORKERS
         )
-        ceiling_run = functools.partial(baselines.fork_ceiling, n, iterations, WORKERS)
-        rates = interleaved("cpu", {CEILING: ceiling_run, **systems}, n, repeat)
-        rates[CEILING].append(n / ceiling_run())
-    result = {name: summary(r) for name, r in rates.items()}
+        every = {CEILING: functools.partial(baselines.fork_ceiling, n, iterations, WORKERS)}
+        every |= systems
+        runs: dict[str, list[baselines.CpuRun]] = {name: [] for name in every}
+        timed = {name: _recorded(run, runs[name]) for name, run in every.items()}
+        rates = interleaved("cpu", timed, n, repeat)
+        rates[CEILING].append(n / timed[CEILING]())
+    result = {name: summary(r) | _inside_tasks(runs[name]) for name, r in rates.items()}
     ceiling = result[CEILING]["median_tasks_per_s"]
     for info in result.values():
         info["fraction_of_ceiling"] = info["median_tasks_per_s"] / ceiling
@@ -350,6 +375,31 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
             **{f"{name} / {CEILING}": result[name]["fraction_of_ceiling"] for name in systems},
         },
         "paired_ratios": paired,
+    }
+
+
+def _recorded(
+    run: Callable[[], baselines.CpuRun], into: list[baselines.CpuRun]
+) -> Callable[[], float]:
+    """``run`` as ``interleaved`` times it (its seconds), keeping each whole run in ``into``."""
+
+    def seconds() -> float:
+        done = run()
+        into.append(done)
+        return done.seconds
+
+    return seconds
+
+
+def _inside_tasks(runs: list[baselines.CpuRun]) -> dict[str, float]:
+    """How the workers' time went, medians over the runs: ``task_share``, the
+    share of the workers' wall time spent inside a task (what the pool leaves
+    to its tasks: the rest went to the pool, the start and the last tasks'
+    imbalance); ``task_cpu_ms``, a task's CPU time (how fast the task itself
+    ran in that system's processes)."""
+    return {
+        "task_share": statistics.median(r.task_wall / (WORKERS * r.seconds) for r in runs),
+        "task_cpu_ms": statistics.median(r.task_cpu / r.tasks * 1000 for r in runs),
     }
 
 
@@ -458,10 +508,17 @@ def render_cpu(section: dict[str, Any], runs: str) -> list[str]:
         f"(in the ceiling runs a task took {section['task_ms_in_ceiling_runs']:.1f} ms); {runs}"
     )
     paired = section.get("paired_ratios", {})
+    inside = [
+        f"    {name}: {info['task_share']:.1%} inside, a task {info['task_cpu_ms']:.2f} ms of CPU"
+        for name, info in section["systems"].items()
+    ]
     return [
         *throughput_table(title, section, ceiling=True),
         "  medians of the ratios of each run to the mean of the ceiling runs before and after it:",
         *(f"    {name}: {ratio_text(value)}" for name, value in paired.items()),
+        "  share of the workers' wall time spent inside a task, and a task's own CPU time",
+        "  (medians over the runs; the rest of a pool's time went to the pool itself):",
+        *inside,
     ]
 
 

@@ -191,6 +191,12 @@ def test_cpu_section_runs_cpu_repeat_times_with_a_ceiling_run_around_each(tmp_pa
     runs = {name: len(info["tasks_per_s"]) for name, info in section["systems"].items()}
     assert runs == {name: 3 if name == "bare fork ceiling" else 2 for name in EXPECTED["cpu"]}
     assert "2 run(s) each" in proc.stdout
+    # Each system's tasks reported their own times: inside the timed window
+    # (a share of at most 1), and about as long as the calibrated task.
+    for name, info in section["systems"].items():
+        assert 0.2 < info["task_share"] <= 1.0, (name, info["task_share"])
+        assert 0.3 < info["task_cpu_ms"] / section["task_ms_measured"] < 3.0, (name, info)
+        assert f"{name}: {info['task_share']:.1%} inside" in proc.stdout
 
 
 @pytest.mark.timeout(60)
