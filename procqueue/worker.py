@@ -45,12 +45,17 @@ log = logging.getLogger("procqueue.worker")
 EXIT_BOOT_ERROR = 3  # handlers failed to import: the supervisor backs off before a new try
 # Poll the ring this long after a short task before sleeping on the doorbell.
 # A client that publishes its next task as soon as it has the last one's result
-# does so ~0.2-0.4 ms later here; a worker still polling then starts it without
+# does so ~0.15-0.3 ms later here; a worker still polling then starts it without
 # being woken (waking a process on an idle vCPU costs tens of us here): publish
 # -> handler start p50 112 -> 83 us, Client.run 173 -> 138 us measured side by
-# side against 50 us. The poll yields the core each turn, and ends: an idle
-# worker sleeps.
-SPIN_SECONDS = 500e-6
+# side against 50 us. Not longer: with two vCPUs and three processes in a
+# request/reply loop, a poll that outlasts the gap holds a core the others need
+# (250 against 500 us, five alternations of the benchmark's latency section on
+# 12-06: publish + wait 210-216 against 231-244 us, Client.run 166-169 against
+# 182-208, handler start 92-101 against 132-133; 200-350 us alike; no-op
+# throughput the same, prefetch 0 and 64). The poll yields the core each turn,
+# and ends: an idle worker sleeps.
+SPIN_SECONDS = 250e-6
 # After a longer task, only this long (as before the longer poll): the next
 # one is not that close, and a polling worker keeps its vCPU looking busy to a
 # supervisor woken to hand out the next task. On 10 ms CPU-bound tasks, 50 us,

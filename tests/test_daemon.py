@@ -452,7 +452,7 @@ def test_an_idle_daemon_uses_no_cpu(daemon):
     for _ in range(50):  # a request/reply loop: the supervisor polls between requests
         assert client.run(QueueTask(queue="default", type="echo"), timeout=30).status is OK
     procs = [psutil.Process(daemon.proc.pid), *(psutil.Process(p) for p in daemon.worker_pids())]
-    time.sleep(0.2)  # every poll has run out by now (the longest is 0.5 ms)
+    time.sleep(0.2)  # every poll has run out by now (the longest is 0.25 ms)
     before = [sum(p.cpu_times()[:2]) for p in procs]
     time.sleep(2.0)
     used = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before, strict=True)]
