@@ -51,10 +51,10 @@ EXIT_BOOT_ERROR = 3  # handlers failed to import: the supervisor backs off befor
 # side against 50 us. Not longer: with two vCPUs and three processes in a
 # request/reply loop, a poll that outlasts the gap holds a core the others need
 # (250 against 500 us, five alternations of the benchmark's latency section on
-# 12-06: publish + wait 210-216 against 231-244 us, Client.run 166-169 against
-# 182-208, handler start 92-101 against 132-133; 200-350 us alike; no-op
-# throughput the same, prefetch 0 and 64). The poll yields the core each turn,
-# and ends: an idle worker sleeps.
+# 12-06: publish + wait 210-218 against 231-244 us, Client.run 166-169 against
+# 182-212, handler start 92-132, four of five under 102, against 132-135;
+# 200-350 us alike; no-op throughput the same, prefetch 0 and 64). The poll
+# yields the core each turn, and ends: an idle worker sleeps.
 SPIN_SECONDS = 250e-6
 # After a longer task, only this long (as before the longer poll): the next
 # one is not that close, and a polling worker keeps its vCPU looking busy to a
