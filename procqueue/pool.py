@@ -59,6 +59,7 @@ class WorkerPool:
             for name, cfg in config.queues.items()
         }
         self.by_pid: dict[int, WorkerHandle] = {}
+        self.last_done: WorkerHandle | None = None  # the worker that reported an outcome last
         self._procs: dict[int, psutil.Process] = {}  # for CPU% between two status calls
         self.stopping = False
         self.reported: set[str] = set()  # boot errors already logged at ERROR
@@ -119,6 +120,14 @@ class WorkerPool:
         ]
         return bool(rings) and poll_until(lambda: any(r.readable() for r in rings), end)
 
+    def idle_last_done(self) -> int | None:
+        """The pid of the worker that reported an outcome last, if it is alive
+        and holds no task now (``CpuNudge.idle_worker``)."""
+        handle = self.last_done
+        if handle is None or handle.inflight or self.by_pid.get(handle.pid) is not handle:
+            return None
+        return handle.pid
+
     def sleep_done(self) -> None:
         for handle in self.by_pid.values():
             handle.ep.sleep_done()
@@ -157,6 +166,7 @@ class WorkerPool:
         if runs:
             self.broker.succeed_all(runs)
         if handle.tasks_done != done:
+            self.last_done = handle
             now = time.monotonic()
             self._start_head(handle, now)
             if handle.recycles:

@@ -104,6 +104,7 @@ class Supervisor:
         self.control = ControlServer(
             settings.socket, settings.socket_mode, self.selector, self.requests.handle
         )
+        self.control.nudge.idle_worker = self.pool.idle_last_done
         if settings.metrics:
             self._serve_metrics(settings.metrics)
         if self.store.spills:

@@ -229,3 +229,113 @@ def test_a_lone_quick_client_on_our_cpu_is_looked_at_once_per_interval(monkeypat
     finally:
         for sock in (a, b, c, d):
             sock.close()
+
+
+def test_an_idle_worker_beside_us_moves_when_the_client_is_elsewhere(monkeypatch):
+    from procqueue import spinwait
+
+    clock = [100.0]
+    nudge = spinwait.CpuNudge(every=0.005, clock=lambda: clock[0])
+    nudge.enabled = True
+    ours = _current_cpu()
+    client, worker = [ours + 1], [ours]  # the client elsewhere, the worker beside us
+    idle: list[int | None] = [4242]
+    monkeypatch.setattr(spinwait, "peer_cpu", lambda s: client[0])
+    monkeypatch.setattr(spinwait, "pid_cpu", lambda pid: worker[0] if pid == 4242 else None)
+    monkeypatch.setattr(spinwait, "_sched_getcpu", lambda: ours)
+    moved_self: list[int] = []
+    moved_workers: list[tuple[int, int]] = []
+    monkeypatch.setattr(nudge, "move_off", moved_self.append)
+    monkeypatch.setattr(nudge, "move_worker_off", lambda pid, cpu: moved_workers.append((pid, cpu)))
+    nudge.idle_worker = lambda: idle[0]
+    a, b = socket.socketpair()
+
+    def look() -> None:
+        clock[0] += 0.011  # past the interval, and alone long enough
+        nudge.after_reply(a)
+
+    try:
+        nudge.after_reply(a)  # a new client: alone for two intervals first
+        look()
+        assert moved_workers == [(4242, ours)] and moved_self == []
+        worker[0] = ours + 1  # it went to the client's side: leave it there
+        look()
+        idle[0] = None  # busy with a task (or none served): never moved
+        worker[0] = ours
+        look()
+        assert moved_workers == [(4242, ours)]
+        client[0] = ours  # the client came to our CPU: we move, not the worker
+        idle[0] = 4242
+        look()
+        assert moved_self == [ours] and len(moved_workers) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_moving_a_worker_off_a_cpu_keeps_its_whole_mask():
+    import os
+    import signal
+
+    from procqueue.spinwait import CpuNudge, pid_cpu
+
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: there is nowhere to move a process (the nudge is off)")
+    pid = os.fork()
+    if pid == 0:  # a busy child, like a worker polling its ring
+        while True:
+            pass
+    try:
+        nudge = CpuNudge()
+        moved_from_somewhere = False
+        for _ in range(20):
+            cpu = pid_cpu(pid)
+            assert cpu is not None
+            nudge.move_worker_off(pid, cpu)
+            moved_from_somewhere |= pid_cpu(pid) != cpu
+            assert os.sched_getaffinity(pid) == allowed  # moved, not pinned
+        assert moved_from_somewhere and nudge.worker_moves == 20
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    nudge.idle_worker = lambda: 7
+    nudge.move_worker_off(pid, 0)  # gone: nothing moved, and workers still move
+    assert nudge.worker_moves == 20 and nudge.idle_worker() == 7
+
+
+def test_a_worker_we_may_not_move_stops_the_worker_moves_only(monkeypatch):
+    from procqueue import spinwait
+
+    def refused(pid: int, cpu: int) -> bool:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(spinwait, "_move", refused)
+    nudge = spinwait.CpuNudge()
+    nudge.idle_worker = lambda: 4242
+    nudge.move_worker_off(4242, 0)
+    assert nudge.idle_worker() is None and nudge.worker_moves == 0
+    assert nudge.enabled == spinwait.CpuNudge().enabled  # its own moves go on
+
+
+def test_the_worker_offered_is_the_last_to_report_and_only_while_idle(tmp_path):
+    import collections
+    import selectors
+
+    from procqueue.config import config_from_dict
+    from procqueue.pool import WorkerPool
+    from procqueue.spawn import WorkerHandle
+    from procqueue.task import QueueTask
+
+    config = config_from_dict({"queues": {"q": {"concurrency": 2}}}, tmp_path / "c.toml")
+    pool = WorkerPool(config, None, selectors.DefaultSelector(), lambda: None)  # type: ignore[arg-type]
+    assert pool.idle_last_done() is None  # no outcome yet
+    handle = WorkerHandle(queue="q", index=0, pid=4242, ep=None)  # type: ignore[arg-type]
+    pool.by_pid[handle.pid] = handle
+    pool.last_done = handle
+    assert pool.idle_last_done() == 4242
+    handle.inflight = collections.deque([QueueTask(queue="q", type="t")])
+    assert pool.idle_last_done() is None  # busy again
+    handle.inflight.clear()
+    del pool.by_pid[handle.pid]
+    assert pool.idle_last_done() is None  # exited
