@@ -342,8 +342,8 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
         systems[CEILING_WAKING] = functools.partial(
             baselines.fork_ceiling, n, iterations, WORKERS, seconds / WORKERS
         )
-        every = {CEILING: functools.partial(baselines.fork_ceiling, n, iterations, WORKERS)}
-        every |= systems
+        ceiling_run = functools.partial(baselines.fork_ceiling, n, iterations, WORKERS)
+        every: dict[str, Callable[[], baselines.CpuRun]] = {CEILING: ceiling_run, **systems}
         runs: dict[str, list[baselines.CpuRun]] = {name: [] for name in every}
         timed = {name: _recorded(run, runs[name]) for name, run in every.items()}
         rates = interleaved("cpu", timed, n, repeat)
