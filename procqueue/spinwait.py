@@ -240,9 +240,10 @@ def _move(pid: int, cpu: int) -> bool:
     """Make process ``pid`` (0: this one) leave ``cpu`` now, then give it back
     every CPU it was allowed; False when it may run on no other CPU."""
     allowed = os.sched_getaffinity(pid)
-    if len(allowed - {cpu}) == 0:
+    elsewhere = allowed - {cpu}
+    if not elsewhere:
         return False
-    os.sched_setaffinity(pid, allowed - {cpu})  # a running process moves at once
+    os.sched_setaffinity(pid, elsewhere)  # a running process moves at once
     os.sched_setaffinity(pid, allowed)
     return True
 

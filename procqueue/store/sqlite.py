@@ -400,19 +400,18 @@ def _batch_rows(
     """Add the rows of one ``add_many`` batch (seqs from ``first``) to
     ``plain`` and ``inserts``: its tasks share queue and created_at, so a
     task still plain needs only its type and status looked at."""
-    queue, created = tasks[0].queue, tasks[0].created_at
-    kinds: dict[tuple[str, Any], list[tuple[Any, ...]]] = {}
+    created = tasks[0].created_at
+    # (type, status) -> the first task of that kind and the rows of them all
+    kinds: dict[tuple[str, Any], tuple[QueueTask, list[tuple[Any, ...]]]] = {}
     for seq, t in enumerate(tasks, first):
         if t.available_at is not created or not _is_plain(t):
             _insert_row(seq, t, now, plain, inserts)
-        elif (rows := kinds.get((t.type, t.status))) is not None:
-            rows.append((seq, t.id, t.payload))
+        elif (kind := kinds.get((t.type, t.status))) is not None:
+            kind[1].append((seq, t.id, t.payload))
         else:
-            kinds[t.type, t.status] = [(seq, t.id, t.payload)]
-    at = stamp(created)
-    for (ttype, status), rows in kinds.items():
-        shared = (queue, ttype, _STATUS_TEXT[status], at, at, _finished(status, now))
-        plain.setdefault(shared, []).extend(rows)
+            kinds[t.type, t.status] = (t, [(seq, t.id, t.payload)])
+    for t, rows in kinds.values():
+        plain.setdefault(_shared_values(t, now), []).extend(rows)
 
 
 def _insert_row(
@@ -454,7 +453,7 @@ def _shared_values(t: QueueTask, now: float) -> tuple[Any, ...]:
         _STATUS_TEXT[status],
         stamp(t.created_at),
         stamp(t.available_at),
-        now if status in FINISHED else None,
+        _finished(status, now),
     )
 
 
