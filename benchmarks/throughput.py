@@ -35,7 +35,11 @@ repetition's own ratio, which a drift of the machine's speed disturbs less:
    target is a 5% effect, and single runs here swing by 20%. Every task
    times itself (``handlers.timed_spin``), so each system also reports the
    share of its workers' time spent inside tasks (what the pool costs) and
-   a task's CPU time (how fast the same loop ran in its processes).
+   a task's CPU time (how fast the same loop ran in its processes). Every
+   run starts its processes anew (a new daemon; the ceiling and
+   ``ProcessPoolExecutor`` in a new interpreter, ``benchmarks/fresh.py``):
+   how fast the loop runs differs by a few percent between started
+   processes, so each system's median is over a draw per repetition.
 3. ``latency`` with one idle worker: daemon publish + ``Client.wait`` (two
    requests), ``Client.run`` (publish and wait in one request),
    ``procqueue.Pool(1).run(noop).result()`` and
@@ -90,7 +94,7 @@ from typing import Any
 import procqueue
 from procqueue import Client, QueueTask, QueueTaskStatus
 
-from . import baselines, brokers, handlers
+from . import baselines, brokers, fresh, handlers
 from .daemons import CTX, QUEUE, ROOT, RUN_TIMEOUT, WORKERS, DaemonSpec, daemon
 from .embedded_pool import run_pool
 from .rss import rss_table, run_rss
@@ -189,6 +193,13 @@ def pq_cpu_run(socket_path: Path, n: int, payload: bytes) -> baselines.CpuRun:
     seconds = pq_throughput(socket_path, "cpu10ms", n, payload, ids)
     with Client(socket_path, timeout=60) as client:
         return baselines.CpuRun.of(seconds, [client.get_task(i).result for i in ids])
+
+
+def pq_cpu_fresh(workdir: Path, prefetch: int, n: int, payload: bytes) -> baselines.CpuRun:
+    """``pq_cpu_run`` on a daemon started for it (and warmed up: not timed)."""
+    with daemon(workdir, DaemonSpec(f"cpu-p{prefetch}", prefetch=prefetch)) as path:
+        pq_throughput(path, "cpu10ms", min(n, 10), payload)
+        return pq_cpu_run(path, n, payload)
 
 
 def pq_latency(
@@ -324,30 +335,31 @@ def run_noop(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
 
 def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
     """Each repetition runs the ceiling, then every other system; one more ceiling
-    run closes the section, so each run sits between two ceiling runs."""
+    run closes the section, so each run sits between two ceiling runs.
+
+    Every run starts its processes anew (a new daemon; the ceiling and
+    ``ProcessPoolExecutor`` from a new interpreter, ``benchmarks.fresh``), so
+    each repetition draws a new memory layout for every system: how fast the
+    same loop runs differs by a few percent from one started process to the
+    next, and the medians then compare the systems, not two draws."""
     iterations, seconds = calibrate()
     payload = str(iterations).encode()
-    with contextlib.ExitStack() as stack:
-        systems: dict[str, Callable[[], baselines.CpuRun]] = {}
-        for label, prefetch in CPU_PQ.items():
-            spec = DaemonSpec(f"cpu-p{prefetch}", prefetch=prefetch)
-            path = stack.enter_context(daemon(workdir, spec))
-            pq_throughput(path, "cpu10ms", min(n, 10), payload)  # warm-up
-            systems[label] = functools.partial(pq_cpu_run, path, n, payload)
-        systems[CPU_PPE] = lambda: baselines.CpuRun.of(
-            *baselines.ppe_results(handlers.cpu_plain, iterations, n, WORKERS)
-        )
-        # The ceiling beside a process that only wakes up, once per task at the
-        # ideal rate, as every pool's dispatcher does: what wake-ups cost here.
-        systems[CEILING_WAKING] = functools.partial(
-            baselines.fork_ceiling, n, iterations, WORKERS, seconds / WORKERS
-        )
-        ceiling_run = functools.partial(baselines.fork_ceiling, n, iterations, WORKERS)
-        every: dict[str, Callable[[], baselines.CpuRun]] = {CEILING: ceiling_run, **systems}
-        runs: dict[str, list[baselines.CpuRun]] = {name: [] for name in every}
-        timed = {name: _recorded(run, runs[name]) for name, run in every.items()}
-        rates = interleaved("cpu", timed, n, repeat)
-        rates[CEILING].append(n / timed[CEILING]())
+    systems: dict[str, Callable[[], baselines.CpuRun]] = {
+        label: functools.partial(pq_cpu_fresh, workdir, prefetch, n, payload)
+        for label, prefetch in CPU_PQ.items()
+    }
+    systems[CPU_PPE] = functools.partial(fresh.in_new_interpreter, "ppe", n, iterations, WORKERS)
+    # The ceiling beside a process that only wakes up, once per task at the
+    # ideal rate, as every pool's dispatcher does: what wake-ups cost here.
+    systems[CEILING_WAKING] = functools.partial(
+        fresh.in_new_interpreter, "ceiling", n, iterations, WORKERS, seconds / WORKERS
+    )
+    ceiling_run = functools.partial(fresh.in_new_interpreter, "ceiling", n, iterations, WORKERS)
+    every: dict[str, Callable[[], baselines.CpuRun]] = {CEILING: ceiling_run, **systems}
+    runs: dict[str, list[baselines.CpuRun]] = {name: [] for name in every}
+    timed = {name: _recorded(run, runs[name]) for name, run in every.items()}
+    rates = interleaved("cpu", timed, n, repeat)
+    rates[CEILING].append(n / timed[CEILING]())
     result = {name: summary(r) | _inside_tasks(runs[name]) for name, r in rates.items()}
     ceiling = result[CEILING]["median_tasks_per_s"]
     for info in result.values():

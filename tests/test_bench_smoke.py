@@ -253,3 +253,15 @@ def test_ratios_are_printed_precisely_enough_to_judge_a_target() -> None:
     assert ratio_text(0.9538) == "0.954x"
     assert ratio_text(20.534) == "20.53x"
     assert ratio_lines({"a / b": 0.4958}) == ["  ratios of medians:", "    a / b: 0.496x"]
+
+
+@pytest.mark.timeout(60)
+def test_a_fresh_interpreter_runs_one_cpu_run_and_reports_it() -> None:
+    from benchmarks import fresh
+
+    done = fresh.in_new_interpreter("ceiling", 6, 1000, 2)
+    assert done.tasks == 6
+    assert 0 < done.task_cpu <= done.task_wall * 1.5 and done.seconds > 0
+    assert fresh.in_new_interpreter("ppe", 3, 1000, 2).tasks == 3
+    with pytest.raises(RuntimeError, match="exited 2"):
+        fresh.in_new_interpreter("bogus", 1, 1, 1)
