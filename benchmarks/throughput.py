@@ -387,6 +387,13 @@ def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
             **{f"{name} / {CEILING}": result[name]["fraction_of_ceiling"] for name in systems},
         },
         "paired_ratios": paired,
+        # What a pool costs at equal task speed: its workers' share of time
+        # inside tasks against the ceiling's (tasks/s also moves with how fast
+        # the loop happens to run in each system's processes: task_cpu_ms).
+        "task_share_ratios": {
+            f"{name} / {CEILING}": result[name]["task_share"] / result[CEILING]["task_share"]
+            for name in systems
+        },
     }
 
 
@@ -531,6 +538,11 @@ def render_cpu(section: dict[str, Any], runs: str) -> list[str]:
         "  share of the workers' wall time spent inside a task, and a task's own CPU time",
         "  (medians over the runs; the rest of a pool's time went to the pool itself):",
         *inside,
+        "  that share against the ceiling's (what the pool costs, whatever the task's speed):",
+        *(
+            f"    {name}: {ratio_text(value)}"
+            for name, value in section.get("task_share_ratios", {}).items()
+        ),
     ]
 
 

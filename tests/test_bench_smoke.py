@@ -197,6 +197,10 @@ def test_cpu_section_runs_cpu_repeat_times_with_a_ceiling_run_around_each(tmp_pa
         assert 0.2 < info["task_share"] <= 1.0, (name, info["task_share"])
         assert 0.3 < info["task_cpu_ms"] / section["task_ms_measured"] < 3.0, (name, info)
         assert f"{name}: {info['task_share']:.1%} inside" in proc.stdout
+    for name, ratio in section["task_share_ratios"].items():
+        ceiling = section["systems"]["bare fork ceiling"]["task_share"]
+        system = section["systems"][name.split(" / ")[0]]["task_share"]
+        assert ratio == pytest.approx(system / ceiling), name
 
 
 @pytest.mark.timeout(60)
