@@ -155,12 +155,9 @@ def _timed_children(n: int, iterations: int, workers: int) -> CpuRun:
                     os.close(go_w)
                     os.close(tokens_w)
                     if os.read(go_r, 1):
-                        wall = cpu = 0.0
-                        count = 0
-                        while os.read(tokens_r, 1):  # EOF once every task is taken
-                            took = handlers.cpu_plain(iterations)
-                            wall, cpu, count = wall + took[0], cpu + took[1], count + 1
-                        os.write(sums_w, _SUMS.pack(wall, cpu, count))
+                        times = _take_tasks(tokens_r, iterations)
+                        walls, cpus = sum(t[0] for t in times), sum(t[1] for t in times)
+                        os.write(sums_w, _SUMS.pack(walls, cpus, len(times)))
                         code = 0
                 finally:
                     os._exit(code)
@@ -185,6 +182,19 @@ def _timed_children(n: int, iterations: int, workers: int) -> CpuRun:
         return _summed(elapsed, os.read(sums_r, _SUMS.size * workers), workers)
     finally:
         os.close(sums_r)
+
+
+def _take_tasks(tokens: int, iterations: int) -> list[tuple[float, float]]:
+    """A ceiling child's work: a task per byte read from ``tokens``, until EOF
+    (every task taken); each task's (wall, cpu) times.
+
+    A list comprehension, not a ``while`` loop: called from a ``while`` loop
+    the same loop ran ~3% slower here, in the bare children alone (10.61
+    against 10.33 ms of CPU a task, ``ProcessPoolExecutor``'s workers 10.30;
+    it is the code around the call, not the read: see the performance
+    notes), and a ceiling must not run its tasks slower than the pools do.
+    """
+    return [handlers.cpu_plain(iterations) for _ in iter(lambda: os.read(tokens, 1), b"")]
 
 
 def _summed(elapsed: float, data: bytes, workers: int) -> CpuRun:
