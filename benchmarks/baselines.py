@@ -155,9 +155,8 @@ def _timed_children(n: int, iterations: int, workers: int) -> CpuRun:
                     os.close(go_w)
                     os.close(tokens_w)
                     if os.read(go_r, 1):
-                        times = _take_tasks(tokens_r, iterations)
-                        walls, cpus = sum(t[0] for t in times), sum(t[1] for t in times)
-                        os.write(sums_w, _SUMS.pack(walls, cpus, len(times)))
+                        done = CpuRun.of(0.0, _take_tasks(tokens_r, iterations))
+                        os.write(sums_w, _SUMS.pack(*done[1:]))
                         code = 0
                 finally:
                     os._exit(code)

@@ -5,8 +5,8 @@ Usage: ``python -m benchmarks.fresh KIND N ITERATIONS WORKERS [WAKER]``.
 How fast a process runs the spin loop depends on where its memory landed,
 which is drawn anew at every exec (address-space randomisation, and which
 physical pages it gets) and inherited by its forks: the same loop ran at
-8.8-9.6 ms in separately started interpreters here, and 13% slower in every
-one with randomisation turned off (``setarch -R``). Forked from the
+8.85-9.44 ms of CPU in separately started interpreters here, and slower in
+each of six tries with randomisation turned off (``setarch -R``). Forked from the
 benchmark process, the ceiling's children and ``ProcessPoolExecutor``'s
 workers would share one draw for a whole sitting, as a long-lived daemon's
 workers would: each system's median would then weigh one draw against
@@ -36,8 +36,8 @@ def run(kind: str, n: int, iterations: int, workers: int, waker: float = 0.0) ->
     if kind == "ceiling":
         return baselines.fork_ceiling(n, iterations, workers, waker)
     if kind == "ppe":
-        times = baselines.ppe_results(handlers.cpu_plain, iterations, n, workers)
-        return baselines.CpuRun.of(*times)
+        seconds, results = baselines.ppe_results(handlers.cpu_plain, iterations, n, workers)
+        return baselines.CpuRun.of(seconds, results)
     raise ValueError(f"unknown kind {kind!r}; expected one of: {', '.join(KINDS)}")
 
 

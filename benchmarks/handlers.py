@@ -32,8 +32,9 @@ def timed_spin(iterations: int) -> tuple[float, float]:
 
     What lets the CPU section tell the pool's overhead (time the workers spent
     outside the task) from the task itself running slower in one process than
-    in another (the same loop's speed varies by a few percent with where its
-    frame lands in memory: measured by calling it at different stack depths).
+    in another (the same loop's speed varies by a few percent with where the
+    process's memory landed and with the code it is called from: see
+    ``fresh.py`` and ``baselines._take_tasks``).
     """
     wall, cpu = time.perf_counter(), time.thread_time()
     spin(iterations)

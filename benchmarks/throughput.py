@@ -335,13 +335,9 @@ def run_noop(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
 
 def run_cpu(workdir: Path, n: int, repeat: int) -> dict[str, Any]:
     """Each repetition runs the ceiling, then every other system; one more ceiling
-    run closes the section, so each run sits between two ceiling runs.
-
-    Every run starts its processes anew (a new daemon; the ceiling and
-    ``ProcessPoolExecutor`` from a new interpreter, ``benchmarks.fresh``), so
-    each repetition draws a new memory layout for every system: how fast the
-    same loop runs differs by a few percent from one started process to the
-    next, and the medians then compare the systems, not two draws."""
+    run closes the section, so each run sits between two ceiling runs. Every
+    run starts its processes anew (a new daemon per procqueue run; the others
+    through ``fresh.in_new_interpreter``: why, in ``fresh.py``)."""
     iterations, seconds = calibrate()
     payload = str(iterations).encode()
     systems: dict[str, Callable[[], baselines.CpuRun]] = {
